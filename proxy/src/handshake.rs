@@ -1,0 +1,757 @@
+//! The SOCKS5 handshake as a sans-IO state machine: bytes in, replies and the next step out.
+//!
+//! No sockets live here. A server mode feeds whatever bytes arrived with [`Handshake::receive`],
+//! calls [`Handshake::step`] and acts on the returned [`Step`]: write the bytes appended to `out`,
+//! read more, open the outgoing connection, or close. Input may be split at any byte boundary,
+//! and bytes the client pipelines after its request are kept for the relay
+//! ([`Handshake::take_leftover`]).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::auth::UserDb;
+use crate::reply::{Failure, ReplyCode};
+
+/// SOCKS protocol version 5.
+pub const SOCKS_VERSION: u8 = 0x05;
+/// Username/password sub-negotiation version (RFC 1929).
+pub const AUTH_VERSION: u8 = 0x01;
+/// Method: no authentication required.
+pub const METHOD_NO_AUTH: u8 = 0x00;
+/// Method: username/password (RFC 1929).
+pub const METHOD_USERNAME_PASSWORD: u8 = 0x02;
+/// Method reply meaning "no acceptable methods".
+pub const METHOD_NONE_ACCEPTABLE: u8 = 0xFF;
+/// Address type: IPv4.
+pub const ATYP_IPV4: u8 = 0x01;
+/// Address type: domain name.
+pub const ATYP_DOMAIN: u8 = 0x03;
+/// Address type: IPv6.
+pub const ATYP_IPV6: u8 = 0x04;
+/// The longest handshake message (an RFC 1929 request with 255-byte name and password).
+pub const MAX_MESSAGE_LEN: usize = 1 + 1 + 255 + 1 + 255;
+
+/// A SOCKS5 command (CMD field of a request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// 0x01 CONNECT.
+    Connect,
+    /// 0x02 BIND.
+    Bind,
+    /// 0x03 UDP ASSOCIATE.
+    UdpAssociate,
+    /// Any other value.
+    Unknown(u8),
+}
+
+impl Command {
+    fn from_u8(byte: u8) -> Self {
+        match byte {
+            0x01 => Command::Connect,
+            0x02 => Command::Bind,
+            0x03 => Command::UdpAssociate,
+            other => Command::Unknown(other),
+        }
+    }
+}
+
+/// Where the client asked to go: an address, or a name still to resolve.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TargetAddr {
+    /// An IPv4 or IPv6 socket address.
+    Ip(SocketAddr),
+    /// A domain name and port.
+    Domain(String, u16),
+}
+
+impl TargetAddr {
+    /// The port the client asked for.
+    pub fn port(&self) -> u16 {
+        match self {
+            TargetAddr::Ip(addr) => addr.port(),
+            TargetAddr::Domain(_, port) => *port,
+        }
+    }
+
+    /// Appends the ATYP, address and port fields as they appear on the wire.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            TargetAddr::Ip(addr) => encode_socket_addr(*addr, out),
+            TargetAddr::Domain(name, port) => {
+                let bytes = name.as_bytes();
+                let len = bytes.len().min(255);
+                out.push(ATYP_DOMAIN);
+                out.push(len as u8);
+                out.extend_from_slice(&bytes[..len]);
+                out.extend_from_slice(&port.to_be_bytes());
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for TargetAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetAddr::Ip(addr) => write!(f, "{addr}"),
+            TargetAddr::Domain(name, port) => write!(f, "{name}:{port}"),
+        }
+    }
+}
+
+/// Appends ATYP, address and port for a socket address.
+pub fn encode_socket_addr(addr: SocketAddr, out: &mut Vec<u8>) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out.push(ATYP_IPV4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(ATYP_IPV6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&addr.port().to_be_bytes());
+}
+
+/// Appends a complete reply `VER REP RSV ATYP BND.ADDR BND.PORT`.
+pub fn encode_reply(code: ReplyCode, bound: SocketAddr, out: &mut Vec<u8>) {
+    out.extend_from_slice(&[SOCKS_VERSION, code.as_u8(), 0x00]);
+    encode_socket_addr(bound, out);
+}
+
+/// Appends a failure reply, whose bound address is all zeros.
+pub fn encode_failure_reply(code: ReplyCode, out: &mut Vec<u8>) {
+    encode_reply(code, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), out);
+}
+
+/// A parsed request the server must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The command; only [`Command::Connect`] reaches a server mode today.
+    pub command: Command,
+    /// The destination.
+    pub target: TargetAddr,
+    /// The authenticated user, when username/password was negotiated.
+    pub user: Option<String>,
+}
+
+/// Why a handshake ended without a relay.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HandshakeError {
+    /// The first byte of the greeting was not 5; closed without a reply.
+    #[error("client spoke protocol version {0}, not SOCKS5")]
+    BadVersion(u8),
+    /// NMETHODS was zero.
+    #[error("greeting offered no methods")]
+    NoMethods,
+    /// None of the client's methods is acceptable to this server.
+    #[error("no acceptable authentication method offered")]
+    NoAcceptableMethod,
+    /// The username/password sub-negotiation had a version other than 1.
+    #[error("username/password sub-negotiation version {0}, not 1")]
+    BadAuthVersion(u8),
+    /// Wrong username or password.
+    #[error("authentication failed")]
+    AuthFailed,
+    /// The request failed with this cause (a failure reply was written).
+    #[error("request failed: {0}")]
+    Request(Failure),
+}
+
+/// What the caller must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Write any bytes appended to `out`, then read more input.
+    NeedInput,
+    /// Write any bytes appended to `out`, open a connection for this request, then report the
+    /// outcome with [`Handshake::connect_succeeded`] or [`Handshake::connect_failed`].
+    Connect(Request),
+    /// Write the bytes appended to `out` (a success reply), then relay; see
+    /// [`Handshake::take_leftover`] for bytes that already arrived for the target.
+    Relay,
+    /// Write the bytes appended to `out` (a failure reply, if any), then close.
+    Close(HandshakeError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Greeting,
+    Auth,
+    Request,
+    Connecting,
+    Established,
+    Closed,
+}
+
+/// One client's SOCKS5 handshake, from greeting to the CONNECT reply.
+#[derive(Debug)]
+pub struct Handshake {
+    state: State,
+    input: Vec<u8>,
+    users: Option<Arc<UserDb>>,
+    user: Option<String>,
+}
+
+/// The outcome of parsing one message from the front of the input buffer.
+enum Parsed<T> {
+    Incomplete,
+    Done { message: T, consumed: usize },
+}
+
+impl Handshake {
+    /// Starts a handshake; with `users`, username/password authentication is required.
+    pub fn new(users: Option<Arc<UserDb>>) -> Self {
+        Handshake {
+            state: State::Greeting,
+            input: Vec::new(),
+            users,
+            user: None,
+        }
+    }
+
+    /// Whether the state machine can use more input now. While it waits for a connect outcome
+    /// it does not: the caller should stop reading so a pipelining client is held back.
+    pub fn wants_input(&self) -> bool {
+        matches!(self.state, State::Greeting | State::Auth | State::Request)
+    }
+
+    /// Appends bytes received from the client.
+    pub fn receive(&mut self, bytes: &[u8]) {
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// Processes the buffered input as far as it goes, appending replies to `out`.
+    pub fn step(&mut self, out: &mut Vec<u8>) -> Step {
+        loop {
+            let progressed = match self.state {
+                State::Greeting => self.on_greeting(out),
+                State::Auth => self.on_auth(out),
+                State::Request => self.on_request(out),
+                State::Connecting => return Step::NeedInput,
+                State::Established => return Step::Relay,
+                State::Closed => return Step::Close(HandshakeError::Request(Failure::Other)),
+            };
+            match progressed {
+                Ok(None) => {}
+                Ok(Some(step)) => return step,
+                Err(err) => {
+                    self.state = State::Closed;
+                    self.input = Vec::new();
+                    return Step::Close(err);
+                }
+            }
+        }
+    }
+
+    /// Records that the outgoing connection exists and appends the success reply, whose
+    /// BND.ADDR/BND.PORT is `bound`, the outgoing socket's local address.
+    pub fn connect_succeeded(&mut self, bound: SocketAddr, out: &mut Vec<u8>) -> Step {
+        if self.state != State::Connecting {
+            return Step::Close(HandshakeError::Request(Failure::Other));
+        }
+        encode_reply(ReplyCode::Succeeded, bound, out);
+        self.state = State::Established;
+        Step::Relay
+    }
+
+    /// Records that the outgoing connection failed and appends the matching failure reply.
+    pub fn connect_failed(&mut self, failure: Failure, out: &mut Vec<u8>) -> Step {
+        self.fail_request(failure, out)
+    }
+
+    /// Takes the bytes the client sent after its request, which belong to the target.
+    pub fn take_leftover(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.input)
+    }
+
+    fn fail_request(&mut self, failure: Failure, out: &mut Vec<u8>) -> Step {
+        encode_failure_reply(failure.reply_code(), out);
+        self.state = State::Closed;
+        self.input = Vec::new();
+        Step::Close(HandshakeError::Request(failure))
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.input.drain(..n);
+    }
+
+    fn on_greeting(&mut self, out: &mut Vec<u8>) -> Result<Option<Step>, HandshakeError> {
+        let methods = match parse_greeting(&self.input)? {
+            Parsed::Incomplete => return Ok(Some(Step::NeedInput)),
+            Parsed::Done { message, consumed } => {
+                let chosen = self.choose_method(message);
+                self.consume(consumed);
+                chosen
+            }
+        };
+        match methods {
+            Some(method) => {
+                out.extend_from_slice(&[SOCKS_VERSION, method]);
+                self.state = if method == METHOD_USERNAME_PASSWORD {
+                    State::Auth
+                } else {
+                    State::Request
+                };
+                Ok(None)
+            }
+            None => {
+                out.extend_from_slice(&[SOCKS_VERSION, METHOD_NONE_ACCEPTABLE]);
+                Err(HandshakeError::NoAcceptableMethod)
+            }
+        }
+    }
+
+    fn choose_method(&self, offered: &[u8]) -> Option<u8> {
+        let wanted = if self.users.is_some() {
+            METHOD_USERNAME_PASSWORD
+        } else {
+            METHOD_NO_AUTH
+        };
+        offered.contains(&wanted).then_some(wanted)
+    }
+
+    fn on_auth(&mut self, out: &mut Vec<u8>) -> Result<Option<Step>, HandshakeError> {
+        let (ok, user, consumed) = match parse_auth(&self.input) {
+            Err(err) => {
+                out.extend_from_slice(&[AUTH_VERSION, 0x01]);
+                return Err(err);
+            }
+            Ok(Parsed::Incomplete) => return Ok(Some(Step::NeedInput)),
+            Ok(Parsed::Done {
+                message: (name, password),
+                consumed,
+            }) => {
+                let ok = self
+                    .users
+                    .as_ref()
+                    .is_some_and(|users| users.verify(name, password));
+                (ok, String::from_utf8_lossy(name).into_owned(), consumed)
+            }
+        };
+        self.consume(consumed);
+        if ok {
+            out.extend_from_slice(&[AUTH_VERSION, 0x00]);
+            self.user = Some(user);
+            self.state = State::Request;
+            Ok(None)
+        } else {
+            out.extend_from_slice(&[AUTH_VERSION, 0x01]);
+            Err(HandshakeError::AuthFailed)
+        }
+    }
+
+    fn on_request(&mut self, out: &mut Vec<u8>) -> Result<Option<Step>, HandshakeError> {
+        match parse_request(&self.input) {
+            Ok(Parsed::Incomplete) => Ok(Some(Step::NeedInput)),
+            Err(failure) => Ok(Some(self.fail_request(failure, out))),
+            Ok(Parsed::Done {
+                message: (command, target),
+                consumed,
+            }) => {
+                self.consume(consumed);
+                if command != Command::Connect {
+                    return Ok(Some(self.fail_request(Failure::CommandNotSupported, out)));
+                }
+                self.state = State::Connecting;
+                Ok(Some(Step::Connect(Request {
+                    command,
+                    target,
+                    user: self.user.take(),
+                })))
+            }
+        }
+    }
+}
+
+/// Parses `VER NMETHODS METHODS`, returning the offered methods.
+fn parse_greeting(input: &[u8]) -> Result<Parsed<&[u8]>, HandshakeError> {
+    let Some(&version) = input.first() else {
+        return Ok(Parsed::Incomplete);
+    };
+    if version != SOCKS_VERSION {
+        return Err(HandshakeError::BadVersion(version));
+    }
+    let Some(&count) = input.get(1) else {
+        return Ok(Parsed::Incomplete);
+    };
+    if count == 0 {
+        return Err(HandshakeError::NoMethods);
+    }
+    let end = 2 + count as usize;
+    match input.get(2..end) {
+        None => Ok(Parsed::Incomplete),
+        Some(methods) => Ok(Parsed::Done {
+            message: methods,
+            consumed: end,
+        }),
+    }
+}
+
+/// Parses `VER ULEN UNAME PLEN PASSWD` (RFC 1929).
+fn parse_auth(input: &[u8]) -> Result<Parsed<(&[u8], &[u8])>, HandshakeError> {
+    let Some(&version) = input.first() else {
+        return Ok(Parsed::Incomplete);
+    };
+    if version != AUTH_VERSION {
+        return Err(HandshakeError::BadAuthVersion(version));
+    }
+    let Some(&name_len) = input.get(1) else {
+        return Ok(Parsed::Incomplete);
+    };
+    let name_end = 2 + name_len as usize;
+    let Some(&pass_len) = input.get(name_end) else {
+        return Ok(Parsed::Incomplete);
+    };
+    let pass_end = name_end + 1 + pass_len as usize;
+    if input.len() < pass_end {
+        return Ok(Parsed::Incomplete);
+    }
+    Ok(Parsed::Done {
+        message: (&input[2..name_end], &input[name_end + 1..pass_end]),
+        consumed: pass_end,
+    })
+}
+
+/// Parses `VER CMD RSV ATYP DST.ADDR DST.PORT`; an error is the failure to reply with.
+fn parse_request(input: &[u8]) -> Result<Parsed<(Command, TargetAddr)>, Failure> {
+    if input.len() < 4 {
+        // Reject a wrong version as soon as it is visible rather than waiting for more bytes.
+        if input.first().is_some_and(|&v| v != SOCKS_VERSION) {
+            return Err(Failure::Malformed);
+        }
+        return Ok(Parsed::Incomplete);
+    }
+    let (version, command, reserved, atyp) = (input[0], input[1], input[2], input[3]);
+    if version != SOCKS_VERSION {
+        return Err(Failure::Malformed);
+    }
+    let addr_start = 4;
+    let (target, consumed) = match atyp {
+        ATYP_IPV4 => {
+            let end = addr_start + 4 + 2;
+            let Some(field) = input.get(addr_start..end) else {
+                return Ok(Parsed::Incomplete);
+            };
+            let ip = Ipv4Addr::new(field[0], field[1], field[2], field[3]);
+            let port = u16::from_be_bytes([field[4], field[5]]);
+            (TargetAddr::Ip(SocketAddr::from((ip, port))), end)
+        }
+        ATYP_IPV6 => {
+            let end = addr_start + 16 + 2;
+            let Some(field) = input.get(addr_start..end) else {
+                return Ok(Parsed::Incomplete);
+            };
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&field[..16]);
+            let port = u16::from_be_bytes([field[16], field[17]]);
+            (
+                TargetAddr::Ip(SocketAddr::from((Ipv6Addr::from(octets), port))),
+                end,
+            )
+        }
+        ATYP_DOMAIN => {
+            let Some(&len) = input.get(addr_start) else {
+                return Ok(Parsed::Incomplete);
+            };
+            let name_start = addr_start + 1;
+            let end = name_start + len as usize + 2;
+            let Some(field) = input.get(name_start..end) else {
+                return Ok(Parsed::Incomplete);
+            };
+            let (name, port) = field.split_at(len as usize);
+            if name.is_empty() {
+                return Err(Failure::Malformed);
+            }
+            let Ok(name) = std::str::from_utf8(name) else {
+                return Err(Failure::Malformed);
+            };
+            let port = u16::from_be_bytes([port[0], port[1]]);
+            (TargetAddr::Domain(name.to_owned(), port), end)
+        }
+        _ => return Err(Failure::AddressTypeNotSupported),
+    };
+    if reserved != 0 {
+        return Err(Failure::Malformed);
+    }
+    Ok(Parsed::Done {
+        message: (Command::from_u8(command), target),
+        consumed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client;
+
+    fn users() -> Option<Arc<UserDb>> {
+        let mut db = UserDb::default();
+        db.insert("alice", "s3cret");
+        Some(Arc::new(db))
+    }
+
+    /// Feeds `input` in chunks cut at `cuts`, returning the output and each step taken.
+    fn run(hs: &mut Handshake, input: &[u8], cuts: &[usize]) -> (Vec<u8>, Vec<Step>) {
+        let mut out = Vec::new();
+        let mut steps = Vec::new();
+        let mut start = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&input.len())) {
+            if !hs.wants_input() {
+                break;
+            }
+            hs.receive(&input[start..cut]);
+            start = cut;
+            let step = hs.step(&mut out);
+            let stop = !matches!(step, Step::NeedInput);
+            steps.push(step);
+            if stop {
+                break;
+            }
+        }
+        (out, steps)
+    }
+
+    fn connect_request(target: &TargetAddr) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        client::encode_request(0x01, target, &mut bytes);
+        bytes
+    }
+
+    fn every_split(message: &[u8]) -> impl Iterator<Item = Vec<usize>> + '_ {
+        // Every single cut, plus the byte-at-a-time split.
+        (0..=message.len())
+            .map(|cut| vec![cut])
+            .chain(std::iter::once((1..message.len()).collect()))
+    }
+
+    #[test]
+    fn no_auth_connect_at_every_split_gives_one_outcome() {
+        let targets = [
+            TargetAddr::Ip("127.0.0.1:80".parse().expect("addr")),
+            TargetAddr::Ip("[::1]:443".parse().expect("addr")),
+            TargetAddr::Domain("localhost".into(), 8080),
+        ];
+        for target in targets {
+            let mut wire = client::encode_greeting(&[METHOD_NO_AUTH]);
+            wire.extend(connect_request(&target));
+            wire.extend_from_slice(b"pipelined");
+            for cuts in every_split(&wire) {
+                let mut hs = Handshake::new(None);
+                let (out, steps) = run(&mut hs, &wire, &cuts);
+                assert_eq!(out, [5, 0], "cuts {cuts:?}");
+                let Some(Step::Connect(request)) = steps.last() else {
+                    panic!("no connect for cuts {cuts:?}: {steps:?}");
+                };
+                assert_eq!(request.target, target);
+                assert_eq!(request.command, Command::Connect);
+                // Bytes past the request that were fed before the connect stay for the relay.
+                let leftover = hs.take_leftover();
+                assert!(b"pipelined".starts_with(&leftover), "cuts {cuts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn pipelined_data_is_kept_for_the_relay() {
+        let target = TargetAddr::Ip("10.1.2.3:22".parse().expect("addr"));
+        let mut wire = client::encode_greeting(&[METHOD_NO_AUTH]);
+        wire.extend(connect_request(&target));
+        wire.extend_from_slice(b"hello target");
+        let mut hs = Handshake::new(None);
+        hs.receive(&wire);
+        let mut out = Vec::new();
+        assert!(matches!(hs.step(&mut out), Step::Connect(_)));
+        assert!(!hs.wants_input());
+        let bound: SocketAddr = "127.0.0.1:5555".parse().expect("addr");
+        assert_eq!(hs.connect_succeeded(bound, &mut out), Step::Relay);
+        assert_eq!(out, [5, 0, 5, 0, 0, 1, 127, 0, 0, 1, 0x15, 0xb3]);
+        assert_eq!(hs.take_leftover(), b"hello target");
+    }
+
+    #[test]
+    fn username_password_at_every_split() {
+        let target = TargetAddr::Domain("example.test".into(), 443);
+        let mut wire = client::encode_greeting(&[METHOD_NO_AUTH, METHOD_USERNAME_PASSWORD]);
+        wire.extend(client::encode_auth("alice", "s3cret"));
+        wire.extend(connect_request(&target));
+        for cuts in every_split(&wire) {
+            let mut hs = Handshake::new(users());
+            let (out, steps) = run(&mut hs, &wire, &cuts);
+            assert_eq!(out, [5, 2, 1, 0], "cuts {cuts:?}");
+            match steps.last() {
+                Some(Step::Connect(request)) => {
+                    assert_eq!(request.target, target);
+                    assert_eq!(request.user.as_deref(), Some("alice"));
+                }
+                other => panic!("cuts {cuts:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_password_gets_status_failure_and_close() {
+        let mut wire = client::encode_greeting(&[METHOD_USERNAME_PASSWORD]);
+        wire.extend(client::encode_auth("alice", "wrong"));
+        for cuts in every_split(&wire) {
+            let mut hs = Handshake::new(users());
+            let (out, steps) = run(&mut hs, &wire, &cuts);
+            assert_eq!(out, [5, 2, 1, 1]);
+            assert_eq!(steps.last(), Some(&Step::Close(HandshakeError::AuthFailed)));
+        }
+    }
+
+    #[test]
+    fn unknown_user_and_empty_credentials_fail() {
+        for (name, pass) in [("bob", "s3cret"), ("", ""), ("alice", "")] {
+            let mut wire = client::encode_greeting(&[METHOD_USERNAME_PASSWORD]);
+            wire.extend(client::encode_auth(name, pass));
+            let mut hs = Handshake::new(users());
+            let (out, steps) = run(&mut hs, &wire, &[]);
+            assert_eq!(out, [5, 2, 1, 1]);
+            assert_eq!(steps.last(), Some(&Step::Close(HandshakeError::AuthFailed)));
+        }
+    }
+
+    #[test]
+    fn bad_auth_version_is_rejected() {
+        let mut wire = client::encode_greeting(&[METHOD_USERNAME_PASSWORD]);
+        wire.extend_from_slice(&[0x05, 1, b'a', 1, b'b']);
+        let mut hs = Handshake::new(users());
+        let (out, steps) = run(&mut hs, &wire, &[]);
+        assert_eq!(out, [5, 2, 1, 1]);
+        assert_eq!(
+            steps.last(),
+            Some(&Step::Close(HandshakeError::BadAuthVersion(5)))
+        );
+    }
+
+    #[test]
+    fn method_is_chosen_only_among_those_offered() {
+        // Auth required but the client offers only "no auth".
+        let mut hs = Handshake::new(users());
+        let (out, steps) = run(&mut hs, &[5, 1, 0], &[]);
+        assert_eq!(out, [5, 0xFF]);
+        assert_eq!(
+            steps.last(),
+            Some(&Step::Close(HandshakeError::NoAcceptableMethod))
+        );
+        // No auth configured but the client offers only username/password and GSSAPI.
+        let mut hs = Handshake::new(None);
+        let (out, _) = run(&mut hs, &[5, 2, 2, 1], &[]);
+        assert_eq!(out, [5, 0xFF]);
+    }
+
+    #[test]
+    fn malformed_greetings_close() {
+        let mut hs = Handshake::new(None);
+        let (out, steps) = run(&mut hs, &[4, 1, 0], &[]);
+        assert!(out.is_empty());
+        assert_eq!(
+            steps.last(),
+            Some(&Step::Close(HandshakeError::BadVersion(4)))
+        );
+
+        let mut hs = Handshake::new(None);
+        let (out, steps) = run(&mut hs, &[5, 0], &[]);
+        assert!(out.is_empty());
+        assert_eq!(steps.last(), Some(&Step::Close(HandshakeError::NoMethods)));
+    }
+
+    fn request_reply(request: &[u8]) -> (Vec<u8>, Step) {
+        let mut hs = Handshake::new(None);
+        let mut out = Vec::new();
+        hs.receive(&[5, 1, 0]);
+        assert_eq!(hs.step(&mut out), Step::NeedInput);
+        out.clear();
+        hs.receive(request);
+        let step = hs.step(&mut out);
+        (out, step)
+    }
+
+    #[test]
+    fn request_errors_map_to_reply_codes() {
+        let cases: [(&[u8], u8); 7] = [
+            (&[5, 2, 0, 1, 127, 0, 0, 1, 0, 80], 0x07), // BIND
+            (&[5, 3, 0, 1, 127, 0, 0, 1, 0, 80], 0x07), // UDP ASSOCIATE
+            (&[5, 9, 0, 1, 127, 0, 0, 1, 0, 80], 0x07), // unknown command
+            (&[5, 1, 0, 7], 0x08),                      // unknown ATYP
+            (&[5, 1, 1, 1, 127, 0, 0, 1, 0, 80], 0x01), // RSV not zero
+            (&[4, 1, 0, 1, 127, 0, 0, 1, 0, 80], 0x01), // bad version
+            (&[5, 1, 0, 3, 0, 0, 80], 0x01),            // zero-length domain
+        ];
+        for (request, code) in cases {
+            let (out, step) = request_reply(request);
+            assert_eq!(out, [5, code, 0, 1, 0, 0, 0, 0, 0, 0], "{request:?}");
+            assert!(matches!(step, Step::Close(HandshakeError::Request(_))));
+        }
+    }
+
+    #[test]
+    fn connect_failure_reply_uses_the_table() {
+        let mut hs = Handshake::new(None);
+        let mut out = Vec::new();
+        hs.receive(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 80]);
+        assert!(matches!(hs.step(&mut out), Step::Connect(_)));
+        out.clear();
+        let step = hs.connect_failed(Failure::ConnectionRefused, &mut out);
+        assert_eq!(out, [5, 5, 0, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            step,
+            Step::Close(HandshakeError::Request(Failure::ConnectionRefused))
+        );
+        assert!(!hs.wants_input());
+    }
+
+    #[test]
+    fn success_reply_carries_ipv6_bound_address() {
+        let mut hs = Handshake::new(None);
+        let mut out = Vec::new();
+        hs.receive(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 80]);
+        assert!(matches!(hs.step(&mut out), Step::Connect(_)));
+        out.clear();
+        hs.connect_succeeded("[::1]:258".parse().expect("addr"), &mut out);
+        let mut expected = vec![5, 0, 0, 4];
+        expected.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        expected.extend_from_slice(&[1, 2]);
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn success_without_connect_is_refused() {
+        let mut hs = Handshake::new(None);
+        let mut out = Vec::new();
+        let step = hs.connect_succeeded("127.0.0.1:1".parse().expect("addr"), &mut out);
+        assert!(matches!(step, Step::Close(_)));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn every_truncated_prefix_needs_input() {
+        let target = TargetAddr::Domain("a.example".into(), 1);
+        let mut wire = client::encode_greeting(&[METHOD_USERNAME_PASSWORD]);
+        wire.extend(client::encode_auth("alice", "s3cret"));
+        wire.extend(connect_request(&target));
+        for len in 0..wire.len() {
+            let mut hs = Handshake::new(users());
+            hs.receive(&wire[..len]);
+            assert_eq!(hs.step(&mut Vec::new()), Step::NeedInput, "prefix {len}");
+        }
+    }
+
+    #[test]
+    fn client_parses_what_the_server_writes() {
+        for bound in ["127.0.0.1:9", "[::1]:65535"] {
+            let bound: SocketAddr = bound.parse().expect("addr");
+            let mut out = Vec::new();
+            encode_reply(ReplyCode::Succeeded, bound, &mut out);
+            for len in 0..out.len() {
+                assert_eq!(client::parse_reply(&out[..len]), Ok(None));
+            }
+            let (code, addr, used) = client::parse_reply(&out).expect("valid").expect("complete");
+            assert_eq!((code, used), (ReplyCode::Succeeded, out.len()));
+            assert_eq!(addr, TargetAddr::Ip(bound));
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! A SOCKS5 server (RFC 1928 CONNECT, RFC 1929 username/password) with one sans-IO protocol
+//! core and interchangeable concurrency models.
+//!
+//! A program binds a listener and calls [`modes::run`] with a [`Config`], a [`Mode`] and a
+//! [`Shutdown`] trigger; or, inside a tokio runtime, [`modes::async_tokio::serve`].
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod handshake;
+pub mod limits;
+pub mod modes;
+pub mod relay;
+pub mod reply;
+pub mod session;
+pub mod shutdown;
+
+pub use config::{Acl, Config};
+pub use modes::Mode;
+pub use shutdown::Shutdown;

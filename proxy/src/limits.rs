@@ -1,0 +1,149 @@
+//! Process limits: the descriptor limit, and refusing cleanly when descriptors run out.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+/// Descriptors a process keeps besides its sessions (std streams, listener, runtime, reserve).
+pub const BASELINE_DESCRIPTORS: u64 = 20;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let limit = getrlimit(Resource::Nofile);
+    let hard = limit.maximum;
+    let current = limit.current.unwrap_or(u64::MAX);
+    if hard.is_some_and(|h| h > current) || (hard.is_none() && limit.current.is_some()) {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: hard,
+                maximum: hard,
+            },
+        )?;
+    }
+    Ok(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX))
+}
+
+/// The soft descriptor limit in force.
+pub fn nofile_limit() -> u64 {
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// How many sessions (two descriptors each) fit under a descriptor limit.
+pub fn sessions_for_descriptors(limit: u64) -> u64 {
+    limit.saturating_sub(BASELINE_DESCRIPTORS) / 2
+}
+
+/// Whether an error means the process or system ran out of descriptors or socket memory.
+pub fn is_resource_exhaustion(err: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let Some(code) = err.raw_os_error() else {
+        return false;
+    };
+    [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM]
+        .iter()
+        .any(|e| e.raw_os_error() == code)
+}
+
+/// Whether an accept error concerns only the one connection being accepted, so the next
+/// accept can follow at once (the client gave up while queued, for example).
+pub fn is_transient_accept_error(err: &io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    ) || err.raw_os_error().is_some_and(|code| {
+        [
+            Errno::PROTO,
+            Errno::PERM,
+            Errno::NOPROTOOPT,
+            Errno::HOSTDOWN,
+            Errno::NONET,
+            Errno::HOSTUNREACH,
+            Errno::OPNOTSUPP,
+            Errno::NETUNREACH,
+        ]
+        .iter()
+        .any(|e| e.raw_os_error() == code)
+    })
+}
+
+/// One descriptor held back so that, when the process has run out, it can still accept a
+/// waiting connection and close it — refusing it cleanly instead of leaving it queued while
+/// the listener stays readable and the loop spins.
+#[derive(Debug)]
+pub struct ReserveDescriptor {
+    file: Option<File>,
+}
+
+impl ReserveDescriptor {
+    /// Opens the reserve (on /dev/null).
+    pub fn new() -> Self {
+        ReserveDescriptor {
+            file: File::open("/dev/null").ok(),
+        }
+    }
+
+    /// Frees the reserve, runs `refuse` (which accepts and drops one connection), and
+    /// takes the reserve back. Returns whether a connection was refused.
+    pub fn refuse_one(&mut self, refuse: impl FnOnce() -> bool) -> bool {
+        self.file = None;
+        let refused = refuse();
+        self.file = File::open("/dev/null").ok();
+        refused
+    }
+}
+
+impl Default for ReserveDescriptor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Logs a recurring condition at most once per interval, with how often it happened since.
+#[derive(Debug)]
+pub struct BurstLog {
+    what: &'static str,
+    interval: Duration,
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl BurstLog {
+    /// A burst logger for `what`, logging at most once per second.
+    pub const fn new(what: &'static str) -> Self {
+        BurstLog {
+            what,
+            interval: Duration::from_secs(1),
+            last: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one occurrence, logging a warning if none was logged within the interval.
+    pub fn hit(&self, detail: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < self.interval) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(now);
+        let more = self.suppressed.swap(0, Ordering::Relaxed);
+        if more > 0 {
+            tracing::warn!(
+                "{}: {detail} ({more} more since the last report)",
+                self.what
+            );
+        } else {
+            tracing::warn!("{}: {detail}", self.what);
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! `proxy`: the SOCKS5 server's command line.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use ipnet::IpNet;
+use tracing_subscriber::EnvFilter;
+
+use proxy::auth::UserDb;
+use proxy::config::{parse_cidr, parse_duration};
+use proxy::{limits, modes, Acl, Config, Mode, Shutdown};
+
+/// A SOCKS5 proxy server (RFC 1928 CONNECT, RFC 1929 username/password).
+///
+/// Prints `listening on <ADDR> mode=<MODE>` on stdout once it accepts connections.
+/// SIGINT/SIGTERM stop accepting and let sessions finish for --grace; a second signal exits
+/// at once.
+#[derive(Debug, Parser)]
+#[command(name = "proxy", version)]
+struct Args {
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:1080", value_name = "ADDR")]
+    listen: SocketAddr,
+
+    /// Concurrency model.
+    #[arg(long, value_enum, default_value_t = Mode::Async)]
+    mode: Mode,
+
+    /// Worker threads [default: number of cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
+
+    /// Require username/password authentication and allow this user (repeatable).
+    #[arg(long = "user", value_name = "NAME:PASS")]
+    users: Vec<String>,
+
+    /// Require authentication and allow the users in FILE, one `name:password` a line
+    /// (`#` comments and blank lines are skipped).
+    #[arg(long, value_name = "FILE")]
+    users_file: Option<PathBuf>,
+
+    /// Allow clients from this network only (repeatable) [default: any client].
+    #[arg(long = "allow-client", value_name = "CIDR", value_parser = parse_cidr)]
+    allow_clients: Vec<IpNet>,
+
+    /// Allow destinations in this network only (repeatable) [default: any destination].
+    #[arg(long = "allow-dest", value_name = "CIDR", value_parser = parse_cidr)]
+    allow_dests: Vec<IpNet>,
+
+    /// Never connect to this network (repeatable; wins over --allow-dest; replies 0x02).
+    #[arg(long = "deny-dest", value_name = "CIDR", value_parser = parse_cidr)]
+    deny_dests: Vec<IpNet>,
+
+    /// Time a client has to finish the handshake (e.g. 10, 2.5s, 500ms).
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+
+    /// Time to resolve and connect to the target, all addresses together.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    connect_timeout: Duration,
+
+    /// Close an established session after this long without traffic [default: never].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+
+    /// Accept at most N sessions at once; newcomers beyond are closed at once.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_sessions: Option<u64>,
+
+    /// After SIGINT/SIGTERM, how long running sessions may go on before they are closed.
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    grace: Duration,
+
+    /// Log filter (error, warn, info, debug, trace, or a RUST_LOG directive) [default: RUST_LOG or info].
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(err) = init_logging(args.log_level.as_deref()) {
+        eprintln!("proxy: {err:#}");
+        return ExitCode::from(2);
+    }
+    match start(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("proxy: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
+    let filter = match level {
+        Some(level) => {
+            EnvFilter::try_new(level).with_context(|| format!("bad --log-level '{level}'"))?
+        }
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    Ok(())
+}
+
+fn load_users(args: &Args) -> anyhow::Result<Option<Arc<UserDb>>> {
+    if args.users.is_empty() && args.users_file.is_none() {
+        return Ok(None);
+    }
+    let mut users = UserDb::default();
+    for spec in &args.users {
+        users.add_spec(spec).context("bad --user")?;
+    }
+    if let Some(path) = &args.users_file {
+        users.load_file(path)?;
+        warn_if_readable_by_others(path);
+    }
+    if users.is_empty() {
+        bail!("the users file has no users");
+    }
+    Ok(Some(Arc::new(users)))
+}
+
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(
+                "users file {} is readable by every user on this machine; chmod o-r it",
+                path.display()
+            );
+        }
+    }
+}
+
+fn start(args: Args) -> anyhow::Result<()> {
+    let users = load_users(&args)?;
+    let config = Arc::new(Config {
+        users,
+        acl: Acl {
+            allow_clients: args.allow_clients.clone(),
+            allow_dests: args.allow_dests.clone(),
+            deny_dests: args.deny_dests.clone(),
+        },
+        handshake_timeout: args.handshake_timeout,
+        connect_timeout: args.connect_timeout,
+        idle_timeout: args.idle_timeout.filter(|d| !d.is_zero()),
+        max_sessions: args.max_sessions.map(|n| n as usize),
+        grace: args.grace,
+        threads: args.threads.map(usize::from),
+    });
+
+    let descriptors = limits::raise_nofile_limit().context("cannot raise RLIMIT_NOFILE")?;
+    let listener = TcpListener::bind(args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let bound = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+
+    if config.users.is_none() && !bound.ip().is_loopback() {
+        tracing::warn!(
+            "!!! listening on {bound} WITHOUT AUTHENTICATION: anyone who can reach this address \
+             can use this proxy; open proxies are found and abused within hours. Use --user or \
+             --users-file, or --allow-client to restrict who may connect. !!!"
+        );
+    }
+    let shutdown = Shutdown::new();
+    spawn_signal_handler(shutdown.clone())?;
+
+    tracing::info!(
+        mode = %args.mode,
+        threads = config.threads.unwrap_or_else(modes::default_threads),
+        auth = config.users.as_ref().map_or(0, |u| u.len()),
+        "descriptor limit {descriptors} allows about {} sessions (2 descriptors each)",
+        limits::sessions_for_descriptors(descriptors)
+    );
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on {bound} mode={}", args.mode)?;
+        stdout.flush()?;
+    }
+    modes::run(listener, config, args.mode, shutdown).context("server failed")?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// Installs SIGINT/SIGTERM handlers on a small thread of their own, so they work the same
+/// whatever the mode. Returns once the handlers are installed.
+fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal thread")?;
+    let (mut interrupt, mut terminate) = runtime.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        ))
+    })?;
+    std::thread::Builder::new()
+        .name("proxy-signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                tracing::info!("signal received: no new sessions; draining");
+                shutdown.trigger();
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            })
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}

@@ -1,0 +1,323 @@
+//! `async` mode: one tokio task per session on a multi-threaded runtime.
+//!
+//! The task waits for readiness (`readable`/`writable`) and moves bytes with non-blocking
+//! `try_read`/`try_write` through the shared [`Pipe`], using a per-thread scratch buffer, so an
+//! idle session holds two sockets and a few words of state rather than two copy buffers.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::{timeout, timeout_at, Instant};
+
+use crate::config::Config;
+use crate::handshake::{Handshake, Request, Step, TargetAddr, MAX_MESSAGE_LEN};
+use crate::limits::{self, BurstLog, ReserveDescriptor};
+use crate::relay::{self, NonBlockingIo, Pipe, PipeState, SCRATCH_SIZE};
+use crate::reply::Failure;
+use crate::session::SessionError;
+use crate::shutdown::Shutdown;
+
+static ACCEPT_EXHAUSTED: BurstLog =
+    BurstLog::new("out of descriptors on accept; refusing newcomers");
+static CONNECT_EXHAUSTED: BurstLog =
+    BurstLog::new("out of descriptors for outgoing connections; replying 0x01");
+static OVER_MAX_SESSIONS: BurstLog = BurstLog::new("--max-sessions reached; refusing newcomers");
+
+/// How long the accept loop rests after running out of descriptors, unless a session ends first.
+const EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_SIZE]);
+}
+
+/// Runs `f` with this thread's scratch buffer. Never held across an `.await`.
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|scratch| f(&mut scratch.borrow_mut()))
+}
+
+/// A tokio socket seen through the relay's non-blocking interface.
+struct Nb<'a>(&'a TcpStream);
+
+impl NonBlockingIo for Nb<'_> {
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        match rustix::net::shutdown(self.0.as_fd(), rustix::net::Shutdown::Write) {
+            // The peer may already be gone; the other direction decides what happens next.
+            Err(rustix::io::Errno::NOTCONN) => Ok(()),
+            other => other.map_err(io::Error::from),
+        }
+    }
+}
+
+/// Serves SOCKS5 on `listener` until `shutdown` fires, then lets sessions finish for
+/// `config.grace` before closing the rest.
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<Config>,
+    shutdown: Shutdown,
+) -> io::Result<()> {
+    let mut sessions = JoinSet::new();
+    let mut reserve = ReserveDescriptor::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    while sessions.try_join_next().is_some() {}
+                    if !config.acl.client_allowed(peer.ip()) {
+                        tracing::info!(%peer, "client not allowed; closed");
+                        continue;
+                    }
+                    if config.max_sessions.is_some_and(|max| sessions.len() >= max) {
+                        OVER_MAX_SESSIONS.hit(&format_args!("closed {peer}"));
+                        continue;
+                    }
+                    sessions.spawn(session(stream, peer, config.clone()));
+                }
+                Err(err) if limits::is_resource_exhaustion(&err) => {
+                    ACCEPT_EXHAUSTED.hit(&format_args!("{err}; {} sessions open", sessions.len()));
+                    reserve.refuse_one(|| rustix::net::accept(&listener).is_ok());
+                    tokio::select! {
+                        _ = shutdown.wait() => break,
+                        Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+                        _ = tokio::time::sleep(EXHAUSTION_BACKOFF) => {}
+                    }
+                }
+                Err(err) if limits::is_transient_accept_error(&err) => {}
+                Err(err) => {
+                    tracing::error!("accept failed: {err}");
+                    tokio::time::sleep(EXHAUSTION_BACKOFF).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    while sessions.try_join_next().is_some() {}
+    if !sessions.is_empty() {
+        tracing::info!(
+            "shutting down: waiting up to {:?} for {} sessions",
+            config.grace,
+            sessions.len()
+        );
+        let drained = timeout(config.grace, async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("grace period over; closing {} sessions", sessions.len());
+            sessions.abort_all();
+            while sessions.join_next().await.is_some() {}
+        }
+    }
+    Ok(())
+}
+
+/// One client from accept to close.
+async fn session(mut client: TcpStream, peer: SocketAddr, config: Arc<Config>) {
+    let mut handshake = Handshake::new(config.users.clone());
+    let request = match timeout(
+        config.handshake_timeout,
+        read_request(&mut client, &mut handshake),
+    )
+    .await
+    {
+        Ok(Ok(request)) => request,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, "handshake ended: {err}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "handshake timed out");
+            return;
+        }
+    };
+    let mut out = Vec::new();
+    let target = match connect(&request.target, &config).await {
+        Ok(target) => target,
+        Err(failure) => {
+            handshake.connect_failed(failure, &mut out);
+            let _ = client.write_all(&out).await;
+            tracing::info!(%peer, target = %request.target, "request failed: {failure}");
+            return;
+        }
+    };
+    let bound = match target.local_addr() {
+        Ok(addr) => addr,
+        Err(err) => {
+            handshake.connect_failed(Failure::from_connect_error(&err), &mut out);
+            let _ = client.write_all(&out).await;
+            return;
+        }
+    };
+    handshake.connect_succeeded(bound, &mut out);
+    if client.write_all(&out).await.is_err() {
+        return;
+    }
+    drop(out);
+    let leftover = handshake.take_leftover();
+    drop(handshake);
+    let _ = client.set_nodelay(true);
+    let _ = target.set_nodelay(true);
+    match relay(client, target, leftover, config.idle_timeout).await {
+        Ok((up, down)) => tracing::debug!(%peer, up, down, "session closed"),
+        Err(err) => tracing::debug!(%peer, "session ended: {err}"),
+    }
+}
+
+/// Drives the handshake until the client's request is complete.
+async fn read_request(
+    client: &mut TcpStream,
+    handshake: &mut Handshake,
+) -> Result<Request, SessionError> {
+    let mut out = Vec::new();
+    loop {
+        let step = handshake.step(&mut out);
+        if !out.is_empty() {
+            client.write_all(&out).await?;
+            out.clear();
+        }
+        match step {
+            Step::NeedInput => {
+                client.readable().await?;
+                let received = with_scratch(|scratch| {
+                    let n = client.try_read(&mut scratch[..MAX_MESSAGE_LEN])?;
+                    handshake.receive(&scratch[..n]);
+                    Ok::<_, io::Error>(n)
+                });
+                match received {
+                    Ok(0) => return Err(SessionError::ClientClosed),
+                    Ok(_) => {}
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            Step::Connect(request) => return Ok(request),
+            Step::Close(err) => return Err(err.into()),
+            Step::Relay => return Err(SessionError::Protocol("relay before request")),
+        }
+    }
+}
+
+/// Resolves the target without blocking and tries each allowed address in order, all within
+/// the connect timeout.
+async fn connect(target: &TargetAddr, config: &Config) -> Result<TcpStream, Failure> {
+    let deadline = Instant::now() + config.connect_timeout;
+    let addrs: Vec<SocketAddr> = match target {
+        TargetAddr::Ip(addr) => vec![*addr],
+        TargetAddr::Domain(name, port) => {
+            match timeout_at(deadline, tokio::net::lookup_host((name.as_str(), *port))).await {
+                Err(_) => return Err(Failure::ConnectTimeout),
+                Ok(Err(_)) => return Err(Failure::DnsFailure),
+                Ok(Ok(found)) => found.collect(),
+            }
+        }
+    };
+    if addrs.is_empty() {
+        return Err(Failure::DnsFailure);
+    }
+    let mut last = Failure::DeniedByRule;
+    for addr in addrs {
+        if !config.acl.dest_allowed(addr.ip()) {
+            continue;
+        }
+        match timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(err)) => {
+                last = Failure::from_connect_error(&err);
+                if last == Failure::ResourceExhausted {
+                    CONNECT_EXHAUSTED.hit(&err);
+                    return Err(last);
+                }
+            }
+            Err(_) => return Err(Failure::ConnectTimeout),
+        }
+    }
+    Err(last)
+}
+
+/// Waits until `state` may make progress: the source readable or the destination writable.
+async fn ready(source: &TcpStream, destination: &TcpStream, state: PipeState) -> io::Result<()> {
+    match state {
+        PipeState::WantsRead => source.readable().await,
+        PipeState::WantsWrite => destination.writable().await,
+        PipeState::Yielded => Ok(()),
+        PipeState::Finished => std::future::pending().await,
+    }
+}
+
+/// Relays until both directions have ended, one side fails, or the session idles out.
+/// Returns the bytes moved client→target and target→client.
+async fn relay(
+    client: TcpStream,
+    target: TcpStream,
+    leftover: Vec<u8>,
+    idle_timeout: Option<Duration>,
+) -> io::Result<(u64, u64)> {
+    let mut up = Pipe::with_leftover(leftover);
+    let mut down = Pipe::default();
+    let mut idle_timer = idle_timeout.map(|idle| Box::pin(tokio::time::sleep(idle)));
+    let mut last_activity = Instant::now();
+    let result = loop {
+        let moved_before = up.bytes() + down.bytes();
+        let pumped = with_scratch(|scratch| {
+            let up_state = up.pump(&mut Nb(&client), &mut Nb(&target), scratch)?;
+            let down_state = down.pump(&mut Nb(&target), &mut Nb(&client), scratch)?;
+            Ok::<_, io::Error>((up_state, down_state))
+        });
+        let (up_state, down_state) = match pumped {
+            Ok(states) => states,
+            Err(err) => break Err(err),
+        };
+        if up_state == PipeState::Finished && down_state == PipeState::Finished {
+            break Ok((up.bytes(), down.bytes()));
+        }
+        if up.bytes() + down.bytes() != moved_before {
+            last_activity = Instant::now();
+        }
+        if up_state == PipeState::Yielded || down_state == PipeState::Yielded {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let idle = async {
+            match idle_timer.as_mut() {
+                Some(timer) => timer.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            woke = ready(&client, &target, up_state) => if let Err(err) = woke { break Err(err) },
+            woke = ready(&target, &client, down_state) => if let Err(err) = woke { break Err(err) },
+            () = idle => {
+                let idle = idle_timeout.unwrap_or_default();
+                if last_activity.elapsed() >= idle {
+                    break Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+                }
+                if let Some(timer) = idle_timer.as_mut() {
+                    timer.as_mut().reset(last_activity + idle);
+                }
+            }
+        }
+    };
+    if let Err(err) = &result {
+        if relay::is_peer_reset(err) {
+            // Pass the reset on: closing with a zero linger sends RST, not FIN.
+            for socket in [&client, &target] {
+                let _ = rustix::net::sockopt::set_socket_linger(socket, Some(Duration::ZERO));
+            }
+        }
+    }
+    result
+}
