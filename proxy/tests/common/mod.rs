@@ -1,0 +1,240 @@
+//! Shared helpers for the integration tests: an in-process server per mode, loopback targets,
+//! and a blocking SOCKS5 client. Nothing here sleeps to synchronise: servers are bound before
+//! they are used, and every wait has a bounded timeout.
+#![allow(dead_code, missing_docs)]
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown as NetShutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use proxy::client;
+use proxy::handshake::TargetAddr;
+use proxy::reply::ReplyCode;
+use proxy::{Config, Mode, Shutdown};
+
+/// Every socket read in a test gives up after this long, so a bug fails instead of hanging.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Every mode the server has.
+pub fn all_modes() -> Vec<Mode> {
+    Mode::value_variants().to_vec()
+}
+
+/// A server running in this process on 127.0.0.1:<free port>.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub mode: Mode,
+    shutdown: Shutdown,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl TestServer {
+    pub fn start(mode: Mode, config: Config) -> Self {
+        Self::start_on("127.0.0.1:0", mode, config)
+    }
+
+    pub fn start_on(listen: &str, mode: Mode, config: Config) -> Self {
+        let listener = TcpListener::bind(listen).expect("bind proxy listener");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = Shutdown::new();
+        let trigger = shutdown.clone();
+        let config = Arc::new(Config {
+            threads: config.threads.or(Some(2)),
+            ..config
+        });
+        let thread = std::thread::spawn(move || proxy::modes::run(listener, config, mode, trigger));
+        TestServer {
+            addr,
+            mode,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    /// Triggers shutdown and waits for the server to return.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.shutdown.trigger();
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("server thread panicked")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A connected socket with test timeouts set.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream
+}
+
+/// Reads until EOF; `Err` on reset or timeout.
+pub fn read_to_end(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut all = Vec::new();
+    stream.read_to_end(&mut all)?;
+    Ok(all)
+}
+
+/// Whether the server closed the connection (EOF or reset) without sending anything more.
+pub fn closed_without_data(stream: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(err) => err.kind() == io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// Reads one complete SOCKS5 reply.
+pub fn read_reply(stream: &mut TcpStream) -> io::Result<(ReplyCode, TargetAddr)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match client::parse_reply(&buf) {
+            Ok(Some((code, addr, _))) => return Ok((code, addr)),
+            Ok(None) => {}
+            Err(err) => return Err(io::Error::new(io::ErrorKind::InvalidData, err)),
+        }
+        // One byte at a time so nothing past the reply is consumed.
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.push(byte[0]);
+    }
+}
+
+/// Reads exactly `n` bytes.
+pub fn read_exact(stream: &mut TcpStream, n: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    stream.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// Greets with "no auth" (or username/password), requests CONNECT to `target`, and returns the
+/// stream with the reply read.
+pub fn socks_connect(
+    proxy: SocketAddr,
+    target: &TargetAddr,
+    credentials: Option<(&str, &str)>,
+) -> io::Result<(TcpStream, ReplyCode, TargetAddr)> {
+    let mut stream = connect(proxy);
+    let method = if credentials.is_some() { 2 } else { 0 };
+    stream.write_all(&client::encode_greeting(&[method]))?;
+    let chosen = read_exact(&mut stream, 2)?;
+    if chosen != [5, method] {
+        return Err(io::Error::other(format!("method reply {chosen:?}")));
+    }
+    if let Some((name, password)) = credentials {
+        stream.write_all(&client::encode_auth(name, password))?;
+        let status = read_exact(&mut stream, 2)?;
+        if status != [1, 0] {
+            return Err(io::Error::other(format!("auth reply {status:?}")));
+        }
+    }
+    let mut request = Vec::new();
+    client::encode_request(1, target, &mut request);
+    stream.write_all(&request)?;
+    let (code, bound) = read_reply(&mut stream)?;
+    Ok((stream, code, bound))
+}
+
+/// Like [`socks_connect`] but insists on success.
+pub fn open_session(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
+    let (stream, code, _) =
+        socks_connect(proxy, &TargetAddr::Ip(target), None).expect("SOCKS5 handshake");
+    assert_eq!(code, ReplyCode::Succeeded);
+    stream
+}
+
+/// A target server on its own thread that runs `handle` for every accepted connection.
+pub struct Target {
+    pub addr: SocketAddr,
+    _thread: JoinHandle<()>,
+}
+
+impl Target {
+    pub fn spawn<F>(bind: &str, handle: F) -> Self
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind(bind).expect("bind target");
+        Self::spawn_on(listener, handle)
+    }
+
+    pub fn spawn_on<F>(listener: TcpListener, handle: F) -> Self
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let addr = listener.local_addr().expect("addr");
+        let handle = Arc::new(handle);
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+                let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+                let handle = handle.clone();
+                std::thread::spawn(move || handle(stream));
+            }
+        });
+        Target {
+            addr,
+            _thread: thread,
+        }
+    }
+
+    /// Echoes every byte back; passes the client's FIN on once everything is echoed.
+    pub fn echo(bind: &str) -> Self {
+        Self::spawn(bind, |mut stream| {
+            let mut buf = [0u8; 16384];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if stream.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = stream.shutdown(NetShutdown::Write);
+        })
+    }
+}
+
+/// A port on 127.0.0.1 with nothing listening (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// Deterministic bytes: a different stream for each seed.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// The path of the `proxy` binary built for these tests.
+pub fn proxy_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_proxy")
+}
