@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::config::Config;
+use crate::config::{Acl, Config};
 use crate::handshake::{Handshake, Request, Step, TargetAddr, MAX_MESSAGE_LEN};
 use crate::limits::{self, BurstLog, ReserveDescriptor};
 use crate::relay::{self, NonBlockingIo, Pipe, PipeState, SCRATCH_SIZE};
@@ -228,9 +228,19 @@ async fn connect(target: &TargetAddr, config: &Config) -> Result<TcpStream, Fail
     if addrs.is_empty() {
         return Err(Failure::DnsFailure);
     }
+    connect_first(&addrs, &config.acl, deadline).await
+}
+
+/// Connects to the first of `addrs` that the rules allow and that answers, in order, until
+/// `deadline`. The failure is that of the last address tried.
+async fn connect_first(
+    addrs: &[SocketAddr],
+    acl: &Acl,
+    deadline: Instant,
+) -> Result<TcpStream, Failure> {
     let mut last = Failure::DeniedByRule;
-    for addr in addrs {
-        if !config.acl.dest_allowed(addr.ip()) {
+    for &addr in addrs {
+        if !acl.dest_allowed(addr.ip()) {
             continue;
         }
         match timeout_at(deadline, TcpStream::connect(addr)).await {
@@ -320,4 +330,36 @@ async fn relay(
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connect_first_tries_each_address_in_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let open = listener.local_addr().expect("addr");
+        let closed = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            probe.local_addr().expect("addr")
+        };
+        let closed_v6: SocketAddr = format!("[::1]:{}", closed.port()).parse().expect("addr");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let acl = Acl::default();
+        let stream = connect_first(&[closed_v6, closed, open], &acl, deadline)
+            .await
+            .expect("third address answers");
+        assert_eq!(stream.peer_addr().expect("peer"), open);
+        let failure = connect_first(&[closed_v6, closed], &acl, deadline)
+            .await
+            .err();
+        assert_eq!(failure, Some(Failure::ConnectionRefused));
+        let deny_all = Acl {
+            deny_dests: vec![crate::config::parse_cidr("127.0.0.0/8").expect("cidr")],
+            ..Acl::default()
+        };
+        let failure = connect_first(&[open], &deny_all, deadline).await.err();
+        assert_eq!(failure, Some(Failure::DeniedByRule));
+    }
 }

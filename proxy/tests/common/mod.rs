@@ -238,3 +238,87 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 pub fn proxy_binary() -> &'static str {
     env!("CARGO_BIN_EXE_proxy")
 }
+
+/// The `proxy` binary running as a child process; killed when dropped.
+pub struct ProxyProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub ready_line: String,
+}
+
+impl ProxyProcess {
+    /// Starts `command` (which runs the proxy binary, perhaps through a shell) and waits for
+    /// its ready line.
+    pub fn spawn(mut command: std::process::Command) -> Self {
+        let child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn proxy");
+        Self::spawn_from(child)
+    }
+
+    /// Adopts a child spawned with piped stdout (and perhaps piped stderr, collected in the
+    /// background for [`ProxyProcess::take_stderr`]).
+    pub fn spawn_from(mut child: std::process::Child) -> Self {
+        use std::io::BufRead;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let ready_line = rx.recv_timeout(IO_TIMEOUT).expect("ready line in time");
+        let addr = ready_line
+            .strip_prefix("listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected ready line {ready_line:?}"));
+        ProxyProcess {
+            child,
+            addr,
+            ready_line,
+        }
+    }
+
+    /// Everything the process wrote on stderr (call after it exited).
+    pub fn take_stderr(&mut self) -> String {
+        let mut text = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            let _ = stderr.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Starts the proxy binary with `args` on a free loopback port.
+    pub fn start(args: &[&str]) -> Self {
+        let mut command = std::process::Command::new(proxy_binary());
+        command.args(["--listen", "127.0.0.1:0"]).args(args);
+        Self::spawn(command)
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, signal).expect("kill");
+    }
+
+    /// Waits for the process to exit (bounded) and returns its status.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        for _ in 0..3000 {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("proxy did not exit within 30 s");
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

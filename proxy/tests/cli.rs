@@ -1,0 +1,222 @@
+//! The `proxy` binary as a user runs it: flags, ready line, errors, signals, descriptor limits.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use proxy::handshake::TargetAddr;
+use proxy::reply::ReplyCode;
+use rustix::process::Signal;
+
+/// Runs the binary to completion and returns (exit code, stderr).
+fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(proxy_binary())
+        .args(args)
+        .output()
+        .expect("run proxy");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn temp_file(name: &str, contents: &str, mode: u32) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("proxy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("write");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    path
+}
+
+#[test]
+fn ready_line_names_the_real_address_and_mode() {
+    let echo = Target::echo("127.0.0.1:0");
+    let proxy = ProxyProcess::start(&["--mode", "async"]);
+    assert!(proxy.addr.port() != 0);
+    assert_eq!(
+        proxy.ready_line.trim_end(),
+        format!("listening on {} mode=async", proxy.addr)
+    );
+    let mut stream = open_session(proxy.addr, echo.addr);
+    stream.write_all(b"ping").expect("write");
+    assert_eq!(read_exact(&mut stream, 4).expect("echo"), b"ping");
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let output = Command::new(proxy_binary())
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--listen",
+        "--mode",
+        "--threads",
+        "--user",
+        "--users-file",
+        "--allow-client",
+        "--allow-dest",
+        "--deny-dest",
+        "--handshake-timeout",
+        "--connect-timeout",
+        "--idle-timeout",
+        "--max-sessions",
+        "--grace",
+        "--log-level",
+    ] {
+        assert!(help.contains(flag), "--help does not mention {flag}");
+    }
+}
+
+#[test]
+fn unusable_values_exit_2_with_one_line() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = holder.local_addr().expect("addr").to_string();
+    let bad_file = temp_file("users-bad", "alice:one\nbob\n", 0o600);
+    let bad_file = bad_file.to_str().expect("utf-8 path");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--bogus"], "--bogus"),
+        (vec!["--deny-dest", "10.0.0.0/33"], "CIDR"),
+        (vec!["--allow-client", "nonsense"], "CIDR"),
+        (vec!["--mode", "fork"], "fork"),
+        (vec!["--listen", "127.0.0.1:99999"], "99999"),
+        (vec!["--handshake-timeout", "soon"], "duration"),
+        (vec!["--user", "nocolon"], "name:password"),
+        (
+            vec!["--users-file", "/nonexistent/users"],
+            "/nonexistent/users",
+        ),
+        (vec!["--users-file", bad_file], ":2:"),
+        (vec!["--log-level", "info,=,"], "log-level"),
+    ];
+    for (args, needle) in cases {
+        let (code, stderr) = run_to_exit(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // Port in use: the listener above still holds it.
+    let (code, stderr) = run_to_exit(&["--listen", &taken]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn sigterm_and_sigint_exit_0_after_draining() {
+    for signal in [Signal::TERM, Signal::INT] {
+        let echo = Target::echo("127.0.0.1:0");
+        let mut proxy = ProxyProcess::start(&["--grace", "10s"]);
+        let mut stream = open_session(proxy.addr, echo.addr);
+        proxy.signal(signal);
+        // The running session keeps working during the grace period...
+        stream.write_all(b"draining").expect("write");
+        assert_eq!(read_exact(&mut stream, 8).expect("echo"), b"draining");
+        // ...and once it ends, the process exits cleanly.
+        drop(stream);
+        let status = proxy.wait();
+        assert_eq!(status.code(), Some(0), "{signal:?}");
+    }
+}
+
+#[test]
+fn users_file_authenticates_and_warns_when_world_readable() {
+    let echo = Target::echo("127.0.0.1:0");
+    let path = temp_file("users-open", "# team\ncarol:pw1\n", 0o644);
+    let output = Command::new(proxy_binary())
+        .args(["--listen", "127.0.0.1:0", "--users-file"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut proxy = ProxyProcess::spawn_from(output);
+    let target = TargetAddr::Ip(echo.addr);
+    let (_, code, _) = socks_connect(proxy.addr, &target, Some(("carol", "pw1"))).expect("auth");
+    assert_eq!(code, ReplyCode::Succeeded);
+    assert!(socks_connect(proxy.addr, &target, Some(("carol", "pw2"))).is_err());
+    proxy.signal(Signal::TERM);
+    assert_eq!(proxy.wait().code(), Some(0));
+    let stderr = proxy.take_stderr();
+    assert!(stderr.contains("readable by every user"), "{stderr}");
+    assert!(!stderr.contains("pw1"), "a password was logged: {stderr}");
+}
+
+#[test]
+fn public_bind_without_auth_warns_loudly() {
+    let output = Command::new(proxy_binary())
+        .args(["--listen", "0.0.0.0:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut proxy = ProxyProcess::spawn_from(output);
+    proxy.signal(Signal::TERM);
+    assert_eq!(proxy.wait().code(), Some(0));
+    let stderr = proxy.take_stderr();
+    assert!(stderr.contains("WITHOUT AUTHENTICATION"), "{stderr}");
+}
+
+/// With a soft and hard descriptor limit of 64, more sessions are opened than fit: the
+/// established ones keep flowing, the rest are refused cleanly (EOF, or reply 0x01 when the
+/// outgoing socket could not be created), and new sessions work once old ones close.
+#[test]
+fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
+    let echo = Target::echo("127.0.0.1:0");
+    let mut command = Command::new("sh");
+    command.args([
+        "-c",
+        "ulimit -n 64 && exec \"$0\" --listen 127.0.0.1:0 --log-level warn",
+        proxy_binary(),
+    ]);
+    let mut proxy = ProxyProcess::spawn(command);
+    let target = TargetAddr::Ip(echo.addr);
+    let mut established = Vec::new();
+    let (mut refused_eof, mut refused_0x01) = (0, 0);
+    for _ in 0..60 {
+        match socks_connect(proxy.addr, &target, None) {
+            Ok((stream, ReplyCode::Succeeded, _)) => established.push(stream),
+            Ok((_, ReplyCode::GeneralFailure, _)) => refused_0x01 += 1,
+            Ok((_, code, _)) => panic!("unexpected reply {code:?}"),
+            Err(_) => refused_eof += 1,
+        }
+    }
+    let count = established.len();
+    assert!((10..60).contains(&count), "{count} sessions established");
+    assert!(refused_eof + refused_0x01 > 0);
+    assert!(
+        proxy.child.try_wait().expect("try_wait").is_none(),
+        "proxy died"
+    );
+    for (i, stream) in established.iter_mut().enumerate() {
+        let message = format!("session {i} still flows");
+        stream.write_all(message.as_bytes()).expect("write");
+        assert_eq!(
+            read_exact(stream, message.len()).expect("echo"),
+            message.as_bytes()
+        );
+    }
+    established.truncate(count / 2);
+    let mut recovered = None;
+    for _ in 0..200 {
+        if let Ok((stream, ReplyCode::Succeeded, _)) = socks_connect(proxy.addr, &target, None) {
+            recovered = Some(stream);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut stream = recovered.expect("a new session after descriptors were freed");
+    stream.write_all(b"recovered").expect("write");
+    assert_eq!(read_exact(&mut stream, 9).expect("echo"), b"recovered");
+    assert!(
+        proxy.child.try_wait().expect("try_wait").is_none(),
+        "proxy died"
+    );
+}
