@@ -389,8 +389,11 @@ fn parse_greeting(input: &[u8]) -> Result<Parsed<&[u8]>, HandshakeError> {
     }
 }
 
+/// A username and password as received.
+type Credentials<'a> = (&'a [u8], &'a [u8]);
+
 /// Parses `VER ULEN UNAME PLEN PASSWD` (RFC 1929).
-fn parse_auth(input: &[u8]) -> Result<Parsed<(&[u8], &[u8])>, HandshakeError> {
+fn parse_auth(input: &[u8]) -> Result<Parsed<Credentials<'_>>, HandshakeError> {
     let Some(&version) = input.first() else {
         return Ok(Parsed::Incomplete);
     };
