@@ -26,6 +26,16 @@ pub trait NonBlockingIo {
     fn shutdown_write(&mut self) -> io::Result<()>;
 }
 
+/// When a pipe stops reading a source that still has data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadUntil {
+    /// Stop after a read that did not fill the scratch buffer: the socket is then drained,
+    /// and a level-triggered wait reports it again if more arrived. Saves one read per message.
+    ShortRead,
+    /// Read until `WouldBlock`, as edge-triggered readiness requires (no new edge otherwise).
+    WouldBlock,
+}
+
 /// What a pipe waits for after a `pump`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PipeState {
@@ -39,21 +49,32 @@ pub enum PipeState {
     Finished,
 }
 
-/// One direction of a session: source → destination.
+/// Bytes read but not yet taken by the destination.
+#[derive(Debug)]
+struct Leftover {
+    bytes: Vec<u8>,
+    written: usize,
+}
+
+/// One direction of a session: source → destination. 24 bytes while idle.
 #[derive(Debug, Default)]
 pub struct Pipe {
-    leftover: Vec<u8>,
-    written: usize,
+    leftover: Option<Box<Leftover>>,
+    bytes: u64,
     source_done: bool,
     finished: bool,
-    bytes: u64,
 }
 
 impl Pipe {
     /// A pipe that starts by delivering `leftover` (e.g. bytes pipelined after the request).
     pub fn with_leftover(leftover: Vec<u8>) -> Self {
         Pipe {
-            leftover,
+            leftover: (!leftover.is_empty()).then(|| {
+                Box::new(Leftover {
+                    bytes: leftover,
+                    written: 0,
+                })
+            }),
             ..Pipe::default()
         }
     }
@@ -70,16 +91,20 @@ impl Pipe {
 
     /// Bytes waiting in the leftover buffer (and its capacity, which is what costs memory).
     pub fn buffered(&self) -> (usize, usize) {
-        (self.leftover.len() - self.written, self.leftover.capacity())
+        self.leftover.as_ref().map_or((0, 0), |left| {
+            (left.bytes.len() - left.written, left.bytes.capacity())
+        })
     }
 
-    /// Moves bytes until the source or destination would block, the source ends, or the
-    /// budget is spent. An error (reset, broken pipe) means the session is over.
+    /// Moves bytes until the source or destination would block (or, with
+    /// [`ReadUntil::ShortRead`], the source is drained), the source ends, or the budget is
+    /// spent. An error (reset, broken pipe) means the session is over.
     pub fn pump(
         &mut self,
         source: &mut impl NonBlockingIo,
         destination: &mut impl NonBlockingIo,
         scratch: &mut [u8],
+        until: ReadUntil,
     ) -> io::Result<PipeState> {
         if self.finished {
             return Ok(PipeState::Finished);
@@ -121,21 +146,28 @@ impl Pipe {
             self.bytes += sent as u64;
             if sent < n {
                 // The destination is full: keep the rest and stop reading until it drains.
-                self.leftover.clear();
-                self.leftover.extend_from_slice(&scratch[sent..n]);
-                self.written = 0;
+                self.leftover = Some(Box::new(Leftover {
+                    bytes: scratch[sent..n].to_vec(),
+                    written: 0,
+                }));
                 return Ok(PipeState::WantsWrite);
+            }
+            if until == ReadUntil::ShortRead && n < scratch.len() {
+                return Ok(PipeState::WantsRead);
             }
         }
     }
 
     /// Writes the leftover out; `Ok(true)` once it is empty (and its memory given back).
     fn flush_leftover(&mut self, destination: &mut impl NonBlockingIo) -> io::Result<bool> {
-        while self.written < self.leftover.len() {
-            match destination.try_write(&self.leftover[self.written..]) {
+        let Some(left) = self.leftover.as_mut() else {
+            return Ok(true);
+        };
+        while left.written < left.bytes.len() {
+            match destination.try_write(&left.bytes[left.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    self.written += n;
+                    left.written += n;
                     self.bytes += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -143,10 +175,7 @@ impl Pipe {
                 Err(e) => return Err(e),
             }
         }
-        if self.leftover.capacity() > 0 {
-            self.leftover = Vec::new();
-            self.written = 0;
-        }
+        self.leftover = None;
         Ok(true)
     }
 }
@@ -227,7 +256,9 @@ mod tests {
         };
         let mut pipe = Pipe::with_leftover(b">".to_vec());
         let mut scratch = [0u8; 4];
-        let state = pipe.pump(&mut src, &mut dst, &mut scratch).expect("pump");
+        let state = pipe
+            .pump(&mut src, &mut dst, &mut scratch, ReadUntil::WouldBlock)
+            .expect("pump");
         assert_eq!(state, PipeState::Finished);
         assert_eq!(dst.output, b">hello world");
         assert!(dst.shut);
@@ -247,7 +278,8 @@ mod tests {
         let mut pipe = Pipe::default();
         let mut scratch = [0u8; 64];
         assert_eq!(
-            pipe.pump(&mut src, &mut dst, &mut scratch).expect("pump"),
+            pipe.pump(&mut src, &mut dst, &mut scratch, ReadUntil::WouldBlock)
+                .expect("pump"),
             PipeState::WantsWrite
         );
         // 64 read, 30 written, 34 kept; the other 36 stay unread in the source.
@@ -258,7 +290,8 @@ mod tests {
         );
         dst.room = usize::MAX;
         assert_eq!(
-            pipe.pump(&mut src, &mut dst, &mut scratch).expect("pump"),
+            pipe.pump(&mut src, &mut dst, &mut scratch, ReadUntil::WouldBlock)
+                .expect("pump"),
             PipeState::WantsRead
         );
         assert_eq!(dst.output, vec![7u8; 100]);
@@ -279,10 +312,30 @@ mod tests {
         let mut pipe = Pipe::default();
         let mut scratch = [0u8; 1024];
         assert_eq!(
-            pipe.pump(&mut src, &mut dst, &mut scratch).expect("pump"),
+            pipe.pump(&mut src, &mut dst, &mut scratch, ReadUntil::WouldBlock)
+                .expect("pump"),
             PipeState::Yielded
         );
         assert_eq!(dst.output.len(), PUMP_BUDGET);
+    }
+
+    #[test]
+    fn short_reads_end_a_level_triggered_pump_without_another_read() {
+        let mut src = Fake {
+            input: VecDeque::from([Some(b"small".to_vec()), Some(b"more".to_vec())]),
+            ..Fake::default()
+        };
+        let mut dst = Fake {
+            room: usize::MAX,
+            ..Fake::default()
+        };
+        let mut pipe = Pipe::default();
+        let mut scratch = [0u8; 64];
+        let state = pipe.pump(&mut src, &mut dst, &mut scratch, ReadUntil::ShortRead);
+        assert_eq!(state.expect("pump"), PipeState::WantsRead);
+        assert_eq!(dst.output, b"small");
+        assert_eq!(src.input.len(), 1, "the second chunk was not read");
+        assert!(std::mem::size_of::<Pipe>() <= 24);
     }
 
     #[test]
@@ -297,7 +350,7 @@ mod tests {
             ..Fake::default()
         };
         let err = Pipe::default()
-            .pump(&mut src, &mut dst, &mut [0u8; 8])
+            .pump(&mut src, &mut dst, &mut [0u8; 8], ReadUntil::WouldBlock)
             .expect_err("broken pipe");
         assert!(is_peer_reset(&err));
     }

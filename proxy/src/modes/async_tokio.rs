@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use std::pin::Pin;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
@@ -21,7 +23,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use crate::config::{Acl, Config};
 use crate::handshake::{Handshake, Request, Step, TargetAddr, MAX_MESSAGE_LEN};
 use crate::limits::{self, BurstLog, ReserveDescriptor};
-use crate::relay::{self, NonBlockingIo, Pipe, PipeState, SCRATCH_SIZE};
+use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
 use crate::reply::Failure;
 use crate::session::SessionError;
 use crate::shutdown::Shutdown;
@@ -44,22 +46,12 @@ fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH.with(|scratch| f(&mut scratch.borrow_mut()))
 }
 
-/// A tokio socket seen through the relay's non-blocking interface.
-struct Nb<'a>(&'a TcpStream);
-
-impl NonBlockingIo for Nb<'_> {
-    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
-    }
-    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
-    }
-    fn shutdown_write(&mut self) -> io::Result<()> {
-        match rustix::net::shutdown(self.0.as_fd(), rustix::net::Shutdown::Write) {
-            // The peer may already be gone; the other direction decides what happens next.
-            Err(rustix::io::Errno::NOTCONN) => Ok(()),
-            other => other.map_err(io::Error::from),
-        }
+/// Sends FIN on `stream`; a peer that is already gone is not an error here (the other
+/// direction decides what happens next).
+fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    match rustix::net::shutdown(stream.as_fd(), rustix::net::Shutdown::Write) {
+        Err(rustix::io::Errno::NOTCONN) => Ok(()),
+        other => other.map_err(io::Error::from),
     }
 }
 
@@ -271,33 +263,40 @@ async fn connect_first(
     Err(last)
 }
 
-/// Registers interest in what `state` waits for; `Ready` when it may make progress.
-/// Uses the streams' own waker slots, so waiting costs no memory in the task.
-fn poll_pipe(
-    cx: &mut Context<'_>,
-    source: &TcpStream,
-    destination: &TcpStream,
-    state: PipeState,
-) -> Poll<io::Result<()>> {
-    match state {
-        PipeState::WantsRead => source.poll_read_ready(cx),
-        PipeState::WantsWrite => destination.poll_write_ready(cx),
-        PipeState::Yielded => Poll::Ready(Ok(())),
-        PipeState::Finished => Poll::Pending,
-    }
+/// A tokio socket driven through `poll_read`/`poll_write` from inside a future's `poll`.
+/// `WouldBlock` means the task's waker is registered for that direction. Unlike `try_read`,
+/// a short `poll_read` clears the socket's readiness, so reading on until `WouldBlock` costs
+/// no extra system call: the next `poll_read` finds no readiness and just registers the waker.
+struct Polled<'a, 'w> {
+    stream: &'a mut TcpStream,
+    cx: Context<'w>,
 }
 
-/// What woke the relay.
-enum Wake {
-    Io,
-    IdleTimer,
+impl NonBlockingIo for Polled<'_, '_> {
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut read_buf = ReadBuf::new(buf);
+        match Pin::new(&mut *self.stream).poll_read(&mut self.cx, &mut read_buf) {
+            Poll::Ready(Ok(())) => Ok(read_buf.filled().len()),
+            Poll::Ready(Err(err)) => Err(err),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match Pin::new(&mut *self.stream).poll_write(&mut self.cx, buf) {
+            Poll::Ready(result) => result,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        shutdown_write(self.stream)
+    }
 }
 
 /// Relays until both directions have ended, one side fails, or the session idles out.
 /// Returns the bytes moved client→target and target→client.
 async fn relay(
-    client: TcpStream,
-    target: TcpStream,
+    mut client: TcpStream,
+    mut target: TcpStream,
     leftover: Vec<u8>,
     idle_timeout: Option<Duration>,
 ) -> io::Result<(u64, u64)> {
@@ -305,57 +304,60 @@ async fn relay(
     let mut down = Pipe::default();
     let mut idle_timer = idle_timeout.map(|idle| Box::pin(tokio::time::sleep(idle)));
     let mut last_activity = Instant::now();
-    let result = loop {
+    let result = std::future::poll_fn(|cx| {
         let moved_before = up.bytes() + down.bytes();
+        let waker = cx.waker();
         let pumped = with_scratch(|scratch| {
-            let up_state = up.pump(&mut Nb(&client), &mut Nb(&target), scratch)?;
-            let down_state = down.pump(&mut Nb(&target), &mut Nb(&client), scratch)?;
+            let mut client_io = Polled {
+                stream: &mut client,
+                cx: Context::from_waker(waker),
+            };
+            let mut target_io = Polled {
+                stream: &mut target,
+                cx: Context::from_waker(waker),
+            };
+            let up_state = up.pump(
+                &mut client_io,
+                &mut target_io,
+                scratch,
+                ReadUntil::WouldBlock,
+            )?;
+            let down_state = down.pump(
+                &mut target_io,
+                &mut client_io,
+                scratch,
+                ReadUntil::WouldBlock,
+            )?;
             Ok::<_, io::Error>((up_state, down_state))
         });
         let (up_state, down_state) = match pumped {
             Ok(states) => states,
-            Err(err) => break Err(err),
+            Err(err) => return Poll::Ready(Err(err)),
         };
         if up_state == PipeState::Finished && down_state == PipeState::Finished {
-            break Ok((up.bytes(), down.bytes()));
+            return Poll::Ready(Ok(()));
         }
+        if up_state == PipeState::Yielded || down_state == PipeState::Yielded {
+            // Let other sessions on this thread run, then continue.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let Some(timer) = idle_timer.as_mut() else {
+            return Poll::Pending;
+        };
+        let idle = idle_timeout.unwrap_or_default();
         if up.bytes() + down.bytes() != moved_before {
             last_activity = Instant::now();
         }
-        if up_state == PipeState::Yielded || down_state == PipeState::Yielded {
-            tokio::task::yield_now().await;
-            continue;
+        while timer.as_mut().poll(cx).is_ready() {
+            if last_activity.elapsed() >= idle {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")));
+            }
+            timer.as_mut().reset(last_activity + idle);
         }
-        let woke = std::future::poll_fn(|cx| {
-            let up_ready = poll_pipe(cx, &client, &target, up_state)?;
-            let down_ready = poll_pipe(cx, &target, &client, down_state)?;
-            if up_ready.is_ready() || down_ready.is_ready() {
-                return Poll::Ready(Ok::<_, io::Error>(Wake::Io));
-            }
-            let idle_fired = idle_timer
-                .as_mut()
-                .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
-            if idle_fired {
-                Poll::Ready(Ok(Wake::IdleTimer))
-            } else {
-                Poll::Pending
-            }
-        })
-        .await;
-        match woke {
-            Ok(Wake::Io) => {}
-            Ok(Wake::IdleTimer) => {
-                let idle = idle_timeout.unwrap_or_default();
-                if last_activity.elapsed() >= idle {
-                    break Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
-                }
-                if let Some(timer) = idle_timer.as_mut() {
-                    timer.as_mut().reset(last_activity + idle);
-                }
-            }
-            Err(err) => break Err(err),
-        }
-    };
+        Poll::Pending
+    })
+    .await;
     if let Err(err) = &result {
         if relay::is_peer_reset(err) {
             // Pass the reset on: closing with a zero linger sends RST, not FIN.
@@ -364,7 +366,7 @@ async fn relay(
             }
         }
     }
-    result
+    result.map(|()| (up.bytes(), down.bytes()))
 }
 
 #[cfg(test)]
