@@ -25,8 +25,11 @@ pub struct Config {
     pub max_sessions: Option<usize>,
     /// How long running sessions may go on after a shutdown signal.
     pub grace: Duration,
-    /// Worker threads (async mode) or event-loop threads; `None` means one per core.
+    /// Worker threads (async), event-loop threads (select, poll, epoll, epoll-et); `None`
+    /// means the mode's default (one per core; one for select and poll).
     pub threads: Option<usize>,
+    /// Stack size of each session thread in `threads` mode; `None` means the mode's default.
+    pub stack_size: Option<usize>,
 }
 
 impl Default for Config {
@@ -40,6 +43,7 @@ impl Default for Config {
             max_sessions: None,
             grace: Duration::from_secs(5),
             threads: None,
+            stack_size: None,
         }
     }
 }
@@ -98,6 +102,24 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     text.parse::<IpAddr>()
         .map(IpNet::from)
         .map_err(|_| format!("'{text}' is not a CIDR network (like 10.0.0.0/8 or ::1/128)"))
+}
+
+/// Parses a size in bytes: `65536`, `64k`/`64KiB`, `1m`/`1MiB`.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let (number, scale) = if let Some(n) = lower.strip_suffix("kib").or(lower.strip_suffix('k')) {
+        (n, 1024)
+    } else if let Some(n) = lower.strip_suffix("mib").or(lower.strip_suffix('m')) {
+        (n, 1024 * 1024)
+    } else {
+        (lower.as_str(), 1)
+    };
+    number
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("'{text}' is not a size (like 131072, 128k or 1m)"))
 }
 
 /// Parses a duration: seconds (`10`, `2.5`) or with a unit (`500ms`, `10s`, `2m`).
@@ -169,6 +191,10 @@ mod tests {
             Duration::from_millis(1500)
         );
         assert!(parse_duration("-1").is_err());
+        assert_eq!(parse_size("128k"), Ok(128 * 1024));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
         assert!(parse_duration("soon").is_err());
     }
 }

@@ -12,8 +12,10 @@ pub mod limits;
 pub mod modes;
 pub mod relay;
 pub mod reply;
+pub mod resolver;
 pub mod session;
 pub mod shutdown;
+mod sys;
 
 pub use config::{Acl, Config};
 pub use modes::Mode;

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
 
 use proxy::auth::UserDb;
-use proxy::config::{parse_cidr, parse_duration};
+use proxy::config::{parse_cidr, parse_duration, parse_size};
 use proxy::{limits, modes, Acl, Config, Mode, Shutdown};
 
 /// A SOCKS5 proxy server (RFC 1928 CONNECT, RFC 1929 username/password).
@@ -32,9 +32,15 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Mode::Async)]
     mode: Mode,
 
-    /// Worker threads [default: number of cores].
+    /// Threads: tokio workers (async) or event loops (epoll, epoll-et) [default: number of
+    /// cores; 1 for select and poll]. Ignored by `threads`, which has one per session.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
+
+    /// Stack size of each session thread in `threads` mode (e.g. 131072, 128k, 1m)
+    /// [default: 128k; only touched pages cost memory].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    stack_size: Option<usize>,
 
     /// Require username/password authentication and allow this user (repeatable).
     #[arg(long = "user", value_name = "NAME:PASS")]
@@ -158,7 +164,13 @@ fn start(args: Args) -> anyhow::Result<()> {
         max_sessions: args.max_sessions.map(|n| n as usize),
         grace: args.grace,
         threads: args.threads.map(usize::from),
+        stack_size: args.stack_size,
     });
+    if let Some(size) = args.stack_size {
+        if size < 32 * 1024 {
+            bail!("--stack-size {size} is too small; use at least 32k");
+        }
+    }
 
     let descriptors = limits::raise_nofile_limit().context("cannot raise RLIMIT_NOFILE")?;
     let listener = TcpListener::bind(args.listen)
@@ -179,7 +191,7 @@ fn start(args: Args) -> anyhow::Result<()> {
 
     tracing::info!(
         mode = %args.mode,
-        threads = config.threads.unwrap_or_else(modes::default_threads),
+        threads = config.threads.unwrap_or_else(|| args.mode.default_threads()),
         auth = config.users.as_ref().map_or(0, |u| u.len()),
         "descriptor limit {descriptors} allows about {} sessions (2 descriptors each)",
         limits::sessions_for_descriptors(descriptors)

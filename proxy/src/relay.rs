@@ -37,9 +37,10 @@ pub enum ReadUntil {
 }
 
 /// What a pipe waits for after a `pump`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PipeState {
     /// The source has nothing to read right now: wait until it is readable.
+    #[default]
     WantsRead,
     /// The destination cannot take more right now: wait until it is writable.
     WantsWrite,
@@ -63,6 +64,7 @@ pub struct Pipe {
     bytes: u64,
     source_done: bool,
     finished: bool,
+    state: PipeState,
 }
 
 impl Pipe {
@@ -84,6 +86,11 @@ impl Pipe {
         self.finished
     }
 
+    /// What the last `pump` returned (`WantsRead` before the first).
+    pub fn last_state(&self) -> PipeState {
+        self.state
+    }
+
     /// Bytes delivered to the destination so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -100,6 +107,18 @@ impl Pipe {
     /// [`ReadUntil::ShortRead`], the source is drained), the source ends, or the budget is
     /// spent. An error (reset, broken pipe) means the session is over.
     pub fn pump(
+        &mut self,
+        source: &mut impl NonBlockingIo,
+        destination: &mut impl NonBlockingIo,
+        scratch: &mut [u8],
+        until: ReadUntil,
+    ) -> io::Result<PipeState> {
+        let state = self.pump_inner(source, destination, scratch, until)?;
+        self.state = state;
+        Ok(state)
+    }
+
+    fn pump_inner(
         &mut self,
         source: &mut impl NonBlockingIo,
         destination: &mut impl NonBlockingIo,

@@ -1,17 +1,43 @@
 //! The server modes: each differs only in how it waits for readiness.
+//!
+//! | mode | waits with |
+//! |---|---|
+//! | `threads` | a thread per session, blocking on its own sockets |
+//! | `select` | one event loop on select(2) (FD_SETSIZE wall enforced) |
+//! | `poll` | one event loop on poll(2) |
+//! | `epoll` | event loops on level-triggered epoll |
+//! | `epoll-et` | event loops on edge-triggered epoll |
+//! | `async` | tokio tasks |
 
 use std::io;
 use std::net::TcpListener;
+use std::os::fd::AsFd;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 
 pub mod async_tokio;
+pub mod event_loop;
+pub mod poller;
+pub mod threads;
+
+use poller::{EpollPoller, Interest, PollPoller, Poller, SelectPoller};
 
 /// A concurrency model for the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Mode {
+    /// A thread per session (small explicit stacks), blocking on its own sockets.
+    Threads,
+    /// One thread, select(2); sessions needing a descriptor ≥ 1024 are refused.
+    Select,
+    /// One thread, poll(2) over every descriptor each round.
+    Poll,
+    /// Level-triggered epoll, one event loop per --threads.
+    Epoll,
+    /// Edge-triggered epoll (reads and writes drain to EAGAIN), one loop per --threads.
+    EpollEt,
     /// One tokio task per session on a multi-threaded runtime.
     Async,
 }
@@ -20,8 +46,27 @@ impl Mode {
     /// The name used on the command line and in the ready line.
     pub fn name(self) -> &'static str {
         match self {
+            Mode::Threads => "threads",
+            Mode::Select => "select",
+            Mode::Poll => "poll",
+            Mode::Epoll => "epoll",
+            Mode::EpollEt => "epoll-et",
             Mode::Async => "async",
         }
+    }
+
+    /// Threads used when `--threads` is not given.
+    pub fn default_threads(self) -> usize {
+        match self {
+            // The classic single-threaded loops: their per-round cost is what is measured.
+            Mode::Select | Mode::Poll => 1,
+            _ => default_threads(),
+        }
+    }
+
+    /// Whether the mode supports BIND and UDP ASSOCIATE (none does yet).
+    pub fn supports_all_commands(self) -> bool {
+        false
     }
 }
 
@@ -39,9 +84,12 @@ pub fn run(
     mode: Mode,
     shutdown: Shutdown,
 ) -> io::Result<()> {
+    let threads = config
+        .threads
+        .unwrap_or_else(|| mode.default_threads())
+        .max(1);
     match mode {
         Mode::Async => {
-            let threads = config.threads.unwrap_or_else(default_threads).max(1);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads)
                 .thread_name("proxy-worker")
@@ -53,7 +101,78 @@ pub fn run(
                 async_tokio::serve(listener, config, shutdown).await
             })
         }
+        Mode::Threads => threads::run(listener, config, shutdown),
+        Mode::Select => run_loops(listener, &config, &shutdown, threads, || {
+            Ok(SelectPoller::new())
+        }),
+        Mode::Poll => run_loops(listener, &config, &shutdown, threads, || {
+            Ok(PollPoller::new())
+        }),
+        Mode::Epoll => run_loops(listener, &config, &shutdown, threads, || {
+            EpollPoller::new(false)
+        }),
+        Mode::EpollEt => run_loops(listener, &config, &shutdown, threads, || {
+            EpollPoller::new(true)
+        }),
     }
+}
+
+/// A poller that knows how to add the (possibly shared) listener.
+trait ListenerPoller: Poller + Sized {
+    fn add_listener(&mut self, listener: &TcpListener) -> io::Result<()> {
+        self.set_interest(listener.as_fd(), event_loop::LISTENER, Interest::READ)
+    }
+}
+
+impl ListenerPoller for SelectPoller {}
+impl ListenerPoller for PollPoller {}
+impl ListenerPoller for EpollPoller {
+    fn add_listener(&mut self, listener: &TcpListener) -> io::Result<()> {
+        EpollPoller::add_listener(self, listener.as_fd(), event_loop::LISTENER)
+    }
+}
+
+/// Runs `threads` event loops sharing the listener; the first to fail stops the others.
+fn run_loops<P: ListenerPoller>(
+    listener: TcpListener,
+    config: &Config,
+    shutdown: &Shutdown,
+    threads: usize,
+    make_poller: impl Fn() -> io::Result<P> + Sync,
+) -> io::Result<()> {
+    let shared = event_loop::Shared {
+        sessions: AtomicUsize::new(0),
+    };
+    let run_one = |listener: TcpListener| {
+        let result = make_poller().and_then(|poller| {
+            event_loop::run(poller, listener, config, shutdown, &shared, |p, l| {
+                p.add_listener(l)
+            })
+        });
+        if let Err(err) = &result {
+            tracing::error!("event loop failed: {err}");
+            shutdown.trigger();
+        }
+        result
+    };
+    std::thread::scope(|scope| {
+        let mut others = Vec::new();
+        for i in 1..threads {
+            let listener = listener.try_clone()?;
+            let handle = std::thread::Builder::new()
+                .name(format!("proxy-loop-{i}"))
+                .spawn_scoped(scope, || run_one(listener))?;
+            others.push(handle);
+        }
+        let mut result = run_one(listener);
+        for handle in others {
+            let joined = handle
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("event loop panicked")));
+            result = result.and(joined);
+        }
+        result
+    })
 }
 
 /// One thread per available core.

@@ -1,0 +1,506 @@
+//! `threads` mode: one OS thread per session, as microsocks does.
+//!
+//! Each session thread blocks on its own sockets only: in the handshake, and in the relay in
+//! poll(2) over its two sockets (plus a process-wide stop descriptor for the end of the grace
+//! period). The thread's stack is small and explicit (`--stack-size`); only the pages it
+//! touches count towards RSS.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+
+use crate::config::Config;
+use crate::handshake::{Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
+use crate::limits::{self, BurstLog, ReserveDescriptor};
+use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil};
+use crate::reply::Failure;
+use crate::resolver::Resolver;
+use crate::session::{self, SessionError};
+use crate::shutdown::Shutdown;
+
+/// Default stack per session thread: the handshake, a 16 KiB relay buffer and logging fit with
+/// room to spare (debug builds included), and only touched pages cost memory.
+pub const DEFAULT_STACK_SIZE: usize = 128 * 1024;
+/// The relay buffer, on the session thread's stack.
+const THREAD_SCRATCH: usize = 16 * 1024;
+
+static ACCEPT_EXHAUSTED: BurstLog =
+    BurstLog::new("out of descriptors on accept; refusing newcomers");
+static SPAWN_FAILED: BurstLog = BurstLog::new("cannot start a session thread; refusing newcomers");
+static OVER_MAX_SESSIONS: BurstLog = BurstLog::new("--max-sessions reached; refusing newcomers");
+
+/// How long accepting pauses after running out of descriptors or threads.
+const EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Counts live session threads so shutdown can wait for them.
+#[derive(Default)]
+struct LiveSessions {
+    count: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl LiveSessions {
+    fn count(&self) -> usize {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, delta: isize) {
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        *count = count.saturating_add_signed(delta);
+        self.changed.notify_all();
+    }
+
+    /// Waits until no session is left or `deadline` passes; true when none is left.
+    fn wait_empty(&self, deadline: Instant) -> bool {
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *count > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            count = self
+                .changed
+                .wait_timeout(count, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// Decrements the live count when a session thread ends, however it ends.
+struct LiveGuard(Arc<LiveSessions>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.add(-1);
+    }
+}
+
+/// Serves with a thread per session until `shutdown`, then waits `config.grace` for sessions.
+pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let stack_size = config.stack_size.unwrap_or(DEFAULT_STACK_SIZE);
+    let wake_acceptor = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
+    let stop_sessions = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
+    {
+        let wake = wake_acceptor.clone();
+        shutdown.on_trigger(move || {
+            let _ = rustix::io::write(&*wake, &1u64.to_ne_bytes());
+        });
+    }
+    let live = Arc::new(LiveSessions::default());
+    let mut reserve = ReserveDescriptor::new();
+    let mut paused = false;
+    while !shutdown.is_triggered() {
+        let mut fds = [
+            PollFd::new(
+                &listener,
+                if paused {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::IN
+                },
+            ),
+            PollFd::new(&*wake_acceptor, PollFlags::IN),
+        ];
+        let backoff = Timespec::try_from(EXHAUSTION_BACKOFF).ok();
+        match poll(&mut fds, if paused { backoff.as_ref() } else { None }) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(err) => return Err(err.into()),
+        }
+        paused = false;
+        loop {
+            match listener.accept() {
+                Ok((client, peer)) => {
+                    if !spawn_session(client, peer, &config, &live, &stop_sessions, stack_size) {
+                        paused = true;
+                        break;
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) if limits::is_resource_exhaustion(&err) => {
+                    ACCEPT_EXHAUSTED.hit(&format_args!("{err}; {} sessions open", live.count()));
+                    reserve.refuse_one(|| rustix::net::accept(&listener).is_ok());
+                    paused = true;
+                    break;
+                }
+                Err(err) if limits::is_transient_accept_error(&err) => {}
+                Err(err) => {
+                    tracing::error!("accept failed: {err}");
+                    paused = true;
+                    break;
+                }
+            }
+        }
+    }
+    drop(listener);
+    if live.count() > 0 {
+        tracing::info!(
+            "shutting down: waiting up to {:?} for {} sessions",
+            config.grace,
+            live.count()
+        );
+        if !live.wait_empty(Instant::now() + config.grace) {
+            tracing::warn!("grace period over; closing {} sessions", live.count());
+            // The stop descriptor stays readable: every session thread sees it and returns.
+            let _ = rustix::io::write(&*stop_sessions, &1u64.to_ne_bytes());
+            live.wait_empty(Instant::now() + Duration::from_secs(5));
+        }
+    }
+    Ok(())
+}
+
+/// Starts a thread for one client; false when no thread could be started (the client is
+/// closed, and the acceptor should pause).
+fn spawn_session(
+    client: TcpStream,
+    peer: SocketAddr,
+    config: &Arc<Config>,
+    live: &Arc<LiveSessions>,
+    stop: &Arc<OwnedFd>,
+    stack_size: usize,
+) -> bool {
+    if !config.acl.client_allowed(peer.ip()) {
+        tracing::info!(%peer, "client not allowed; closed");
+        return true;
+    }
+    if config.max_sessions.is_some_and(|max| live.count() >= max) {
+        OVER_MAX_SESSIONS.hit(&format_args!("closed {peer}"));
+        return true;
+    }
+    live.add(1);
+    let guard = LiveGuard(live.clone());
+    let config = config.clone();
+    let stop = stop.clone();
+    let spawned = std::thread::Builder::new()
+        .stack_size(stack_size)
+        .spawn(move || {
+            let _guard = guard;
+            match serve_session(client, &config, &stop) {
+                Ok((up, down)) => tracing::debug!(%peer, up, down, "session closed"),
+                Err(err) => tracing::debug!(%peer, "session ended: {err}"),
+            }
+        });
+    match spawned {
+        Ok(_) => true,
+        Err(err) => {
+            // The closure (with the client and the guard) was dropped: the client is closed
+            // and the count is back.
+            SPAWN_FAILED.hit(&err);
+            false
+        }
+    }
+}
+
+/// Why a wait ended without the socket becoming ready.
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "timed out")
+}
+
+fn stopping() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "server shutting down")
+}
+
+/// Waits until `stream` is ready for `flags`, `deadline` passes, or the server stops.
+fn wait_ready(
+    stream: &impl AsFd,
+    flags: PollFlags,
+    deadline: Instant,
+    stop: &OwnedFd,
+) -> io::Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        let timeout = Timespec::try_from(left).ok();
+        let mut fds = [PollFd::new(stream, flags), PollFd::new(stop, PollFlags::IN)];
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(err) => return Err(err.into()),
+        }
+        if !fds[1].revents().is_empty() {
+            return Err(stopping());
+        }
+        if !fds[0].revents().is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes all of `bytes`, waiting for writability as needed.
+fn write_all(
+    stream: &TcpStream,
+    bytes: &[u8],
+    deadline: Instant,
+    stop: &OwnedFd,
+) -> io::Result<()> {
+    let mut written = 0;
+    let mut stream_ref = stream;
+    while written < bytes.len() {
+        match stream_ref.write(&bytes[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                wait_ready(stream, PollFlags::OUT, deadline, stop)?
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+fn serve_session(
+    client: TcpStream,
+    config: &Config,
+    stop: &OwnedFd,
+) -> Result<(u64, u64), SessionError> {
+    client.set_nonblocking(true)?;
+    let mut handshake = Handshake::new(config.users.clone());
+    let mut out = Vec::new();
+    let deadline = Instant::now() + config.handshake_timeout;
+    let mut buf = [0u8; MAX_MESSAGE_LEN];
+    let request = loop {
+        let step = handshake.step(&mut out);
+        write_all(&client, &out, deadline, stop)?;
+        out.clear();
+        match step {
+            Step::NeedInput => {
+                let mut client_ref = &client;
+                match client_ref.read(&mut buf) {
+                    Ok(0) => return Err(SessionError::ClientClosed),
+                    Ok(n) => handshake.receive(&buf[..n]),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        wait_ready(&client, PollFlags::IN, deadline, stop)?
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            Step::Connect(request) => break request,
+            Step::Close(err) => return Err(err.into()),
+            Step::Relay => return Err(SessionError::Protocol("relay before request")),
+        }
+    };
+    let deadline = Instant::now() + config.connect_timeout;
+    let outcome = connect(&request.target, config, deadline, stop).and_then(|target| {
+        let bound = target
+            .local_addr()
+            .map_err(|err| Failure::from_connect_error(&err))?;
+        Ok((target, bound))
+    });
+    let (target, bound) = match outcome {
+        Ok(connected) => connected,
+        Err(failure) => {
+            handshake.connect_failed(failure, &mut out);
+            let _ = write_all(
+                &client,
+                &out,
+                Instant::now() + config.handshake_timeout,
+                stop,
+            );
+            tracing::info!(target = %request.target, "request failed: {failure}");
+            return Err(SessionError::Handshake(
+                crate::handshake::HandshakeError::Request(failure),
+            ));
+        }
+    };
+    handshake.connect_succeeded(bound, &mut out);
+    write_all(
+        &client,
+        &out,
+        Instant::now() + config.handshake_timeout,
+        stop,
+    )?;
+    let leftover = handshake.take_leftover();
+    drop(handshake);
+    drop(out);
+    let _ = client.set_nodelay(true);
+    let _ = target.set_nodelay(true);
+    Ok(relay(
+        &client,
+        &target,
+        leftover,
+        config.idle_timeout,
+        stop,
+    )?)
+}
+
+/// Resolves (on the resolver pool) and connects to the first allowed address that answers.
+fn connect(
+    target: &TargetAddr,
+    config: &Config,
+    deadline: Instant,
+    stop: &OwnedFd,
+) -> Result<TcpStream, Failure> {
+    let addrs = match target {
+        TargetAddr::Ip(addr) => vec![*addr],
+        TargetAddr::Domain(name, port) => {
+            let (tx, rx) = mpsc::channel();
+            Resolver::global().resolve(
+                name,
+                *port,
+                Box::new(move |result| {
+                    let _ = tx.send(result);
+                }),
+            );
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
+                Ok(_) => return Err(Failure::DnsFailure),
+                Err(_) => return Err(Failure::ConnectTimeout),
+            }
+        }
+    };
+    let mut last = Failure::DeniedByRule;
+    for addr in addrs {
+        if !config.acl.dest_allowed(addr.ip()) {
+            continue;
+        }
+        let stream = session::start_connect(addr)?;
+        match wait_ready(&stream, PollFlags::OUT, deadline, stop) {
+            Ok(()) => match session::connect_result(&stream) {
+                Ok(()) => return Ok(stream),
+                Err(failure) => last = failure,
+            },
+            Err(err) if err.kind() == io::ErrorKind::TimedOut => {
+                return Err(Failure::ConnectTimeout)
+            }
+            Err(_) => return Err(Failure::Other),
+        }
+    }
+    Err(last)
+}
+
+/// A std socket seen through the relay's non-blocking interface.
+struct Nb<'a>(&'a TcpStream);
+
+impl NonBlockingIo for Nb<'_> {
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut stream = self.0;
+        stream.read(buf)
+    }
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut stream = self.0;
+        stream.write(buf)
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        match self.0.shutdown(std::net::Shutdown::Write) {
+            Err(err) if err.kind() == io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// Relays with the shared pipes, sleeping in poll(2) on the two sockets between bursts.
+fn relay(
+    client: &TcpStream,
+    target: &TcpStream,
+    leftover: Vec<u8>,
+    idle_timeout: Option<Duration>,
+    stop: &OwnedFd,
+) -> io::Result<(u64, u64)> {
+    let mut scratch = [0u8; THREAD_SCRATCH];
+    let mut up = Pipe::with_leftover(leftover);
+    let mut down = Pipe::default();
+    let mut last_activity = Instant::now();
+    let result = loop {
+        let moved_before = up.bytes() + down.bytes();
+        let states = up
+            .pump(
+                &mut Nb(client),
+                &mut Nb(target),
+                &mut scratch,
+                ReadUntil::ShortRead,
+            )
+            .and_then(|up_state| {
+                let down_state = down.pump(
+                    &mut Nb(target),
+                    &mut Nb(client),
+                    &mut scratch,
+                    ReadUntil::ShortRead,
+                )?;
+                Ok((up_state, down_state))
+            });
+        let (up_state, down_state) = match states {
+            Ok(states) => states,
+            Err(err) => break Err(err),
+        };
+        if up_state == PipeState::Finished && down_state == PipeState::Finished {
+            break Ok((up.bytes(), down.bytes()));
+        }
+        if up.bytes() + down.bytes() != moved_before {
+            last_activity = Instant::now();
+        }
+        if up_state == PipeState::Yielded || down_state == PipeState::Yielded {
+            continue;
+        }
+        let flags = |read: bool, write: bool| {
+            let mut flags = PollFlags::empty();
+            if read {
+                flags |= PollFlags::IN;
+            }
+            if write {
+                flags |= PollFlags::OUT;
+            }
+            flags
+        };
+        let client_flags = flags(
+            up_state == PipeState::WantsRead,
+            down_state == PipeState::WantsWrite,
+        );
+        let target_flags = flags(
+            down_state == PipeState::WantsRead,
+            up_state == PipeState::WantsWrite,
+        );
+        let timeout = idle_timeout.map(|idle| {
+            let left = (last_activity + idle).saturating_duration_since(Instant::now());
+            Timespec::try_from(left).unwrap_or(Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            })
+        });
+        // A socket with nothing to wait for is left out of the set: poll reports a hang-up
+        // even for an empty mask, which would wake this thread again and again.
+        let mut fds = [
+            PollFd::new(stop, PollFlags::IN),
+            PollFd::new(stop, PollFlags::IN),
+            PollFd::new(stop, PollFlags::IN),
+        ];
+        let mut watched = 1;
+        for (socket, flags) in [(client, client_flags), (target, target_flags)] {
+            if !flags.is_empty() {
+                fds[watched] = PollFd::new(socket, flags);
+                watched += 1;
+            }
+        }
+        let fds = &mut fds[..watched];
+        match poll(fds, timeout.as_ref()) {
+            Ok(0) => {
+                if idle_timeout.is_some_and(|idle| last_activity.elapsed() >= idle) {
+                    break Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+                }
+            }
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(err) => break Err(err.into()),
+        }
+        if !fds[0].revents().is_empty() {
+            break Err(stopping());
+        }
+    };
+    if let Err(err) = &result {
+        if relay::is_peer_reset(err) {
+            for socket in [client, target] {
+                let _ = rustix::net::sockopt::set_socket_linger(socket, Some(Duration::ZERO));
+            }
+        }
+    }
+    result
+}
