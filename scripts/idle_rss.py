@@ -74,7 +74,13 @@ def measure(args):
             s.close()
         time.sleep(0.5)
         before = rss_kib(proxy.pid)
-        held = [session(proxy_port, echo_port) for _ in range(args.conns)]
+        held = []
+        for _ in range(args.conns):
+            try:
+                held.append(session(proxy_port, echo_port))
+            except (OSError, RuntimeError) as err:
+                print(f"stopped at {len(held)} sessions: {err}", flush=True)
+                break
         time.sleep(1.0)
         after = rss_kib(proxy.pid)
         per_session = (after - before) * 1024 / len(held)

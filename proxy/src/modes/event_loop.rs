@@ -92,15 +92,15 @@ impl NonBlockingIo for Nb<'_> {
 
 /// A session from accept to close.
 struct Session {
-    /// Unique across the loop's lifetime, so stale timer and resolver reports are ignored
-    /// when a slab slot is reused.
-    id: u64,
+    /// Distinguishes successive sessions in one slab slot, so stale timer and resolver
+    /// reports are ignored when a slot is reused.
+    id: u32,
     client: TcpStream,
     target: Option<TcpStream>,
     client_interest: Interest,
     target_interest: Interest,
     /// The timer entry that is current for this session; older entries are ignored.
-    timer_ticket: u64,
+    timer_ticket: u32,
     phase: Phase,
 }
 
@@ -134,8 +134,9 @@ enum NegotiationStep {
 struct Relay {
     up: Pipe,
     down: Pipe,
-    /// Last time bytes moved (only kept up to date with an idle timeout).
-    last_activity: Instant,
+    /// When bytes last moved, in milliseconds of the loop's clock (only kept up to date
+    /// with an idle timeout). 4 bytes instead of an `Instant`'s 16: this is per session.
+    last_activity: u32,
 }
 
 /// What a session needs after being driven.
@@ -166,9 +167,11 @@ struct Context<'a> {
     config: &'a Config,
     edge: bool,
     scratch: Box<[u8]>,
-    timers: BinaryHeap<Reverse<(Instant, usize, u64, u64)>>,
-    next_ticket: u64,
-    resolved_tx: Sender<(usize, u64, io::Result<Vec<SocketAddr>>)>,
+    timers: BinaryHeap<Reverse<(Instant, usize, u32, u32)>>,
+    next_ticket: u32,
+    resolved_tx: Sender<(usize, u32, io::Result<Vec<SocketAddr>>)>,
+    /// The origin of `Relay::last_activity`.
+    epoch: Instant,
     waker: Arc<OwnedFd>,
 }
 
@@ -181,8 +184,15 @@ impl Context<'_> {
         }
     }
 
+    /// Milliseconds since the loop started (wraps after 49 days; compared with wrapping
+    /// arithmetic).
+    fn clock_ms(&self) -> u32 {
+        self.epoch.elapsed().as_millis() as u32
+    }
+
     fn arm_timer(&mut self, session: &mut Session, key: usize, at: Instant) {
-        self.next_ticket += 1;
+        // Zero means "no timer"; skip it when the counter wraps.
+        self.next_ticket = self.next_ticket.wrapping_add(1).max(1);
         session.timer_ticket = self.next_ticket;
         self.timers
             .push(Reverse((at, key, session.id, self.next_ticket)));
@@ -231,6 +241,7 @@ pub fn run<P: Poller>(
             next_ticket: 0,
             resolved_tx,
             waker,
+            epoch: Instant::now(),
         },
     };
     event_loop.ctx.edge = event_loop.poller.edge_triggered();
@@ -244,10 +255,10 @@ struct EventLoop<'a, P: Poller> {
     accept_pending: bool,
     accept_paused_until: Option<Instant>,
     sessions: Slab<Session>,
-    next_id: u64,
-    again: Vec<(usize, u64)>,
+    next_id: u32,
+    again: Vec<(usize, u32)>,
     reserve: ReserveDescriptor,
-    resolved_rx: Receiver<(usize, u64, io::Result<Vec<SocketAddr>>)>,
+    resolved_rx: Receiver<(usize, u32, io::Result<Vec<SocketAddr>>)>,
     shared: &'a Shared,
     ctx: Context<'a>,
 }
@@ -532,7 +543,7 @@ impl<P: Poller> EventLoop<'_, P> {
             tracing::warn!("cannot make a client socket non-blocking: {err}");
             return;
         }
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
         let session = Session {
             id: self.next_id,
             client,
@@ -611,12 +622,13 @@ impl<P: Poller> EventLoop<'_, P> {
             match &mut session.phase {
                 Phase::Relaying(relay) => {
                     let idle = self.ctx.config.idle_timeout.unwrap_or_default();
-                    let due = relay.last_activity + idle;
-                    if due <= now {
+                    let quiet_ms = self.ctx.clock_ms().wrapping_sub(relay.last_activity);
+                    let quiet = Duration::from_millis(u64::from(quiet_ms));
+                    if quiet >= idle {
                         tracing::debug!("idle timeout");
                         self.close(key, false);
                     } else {
-                        self.ctx.arm_timer(session, key, due);
+                        self.ctx.arm_timer(session, key, now + (idle - quiet));
                     }
                 }
                 Phase::Negotiating(negotiation) => match negotiation.step {
@@ -722,7 +734,7 @@ fn negotiate(
                 session.phase = Phase::Relaying(Relay {
                     up: Pipe::with_leftover(leftover),
                     down: Pipe::default(),
-                    last_activity: Instant::now(),
+                    last_activity: ctx.clock_ms(),
                 });
                 if let Some(idle) = ctx.config.idle_timeout {
                     ctx.arm_timer(session, key, Instant::now() + idle);
@@ -909,7 +921,7 @@ fn relay(session: &mut Session, ctx: &mut Context<'_>, wake: Wake) -> io::Result
         )?;
     }
     if ctx.config.idle_timeout.is_some() && relay.up.bytes() + relay.down.bytes() != moved_before {
-        relay.last_activity = Instant::now();
+        relay.last_activity = ctx.clock_ms();
     }
     let (up, down) = (relay.up.last_state(), relay.down.last_state());
     if up == PipeState::Finished && down == PipeState::Finished {
@@ -919,4 +931,20 @@ fn relay(session: &mut Session, ctx: &mut Context<'_>, wake: Wake) -> io::Result
         return Ok(Outcome::Again);
     }
     Ok(Outcome::Wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle established session costs its slab entry plus the poller's bookkeeping; this
+    /// keeps the entry small (the measured whole is in the README).
+    #[test]
+    fn session_state_stays_small() {
+        assert!(
+            std::mem::size_of::<Session>() <= 96,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
+    }
 }

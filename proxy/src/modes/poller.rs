@@ -207,10 +207,12 @@ impl Poller for SelectPoller {
 /// poll(2) over every watched descriptor, rebuilt each wait: the linear scan is the point.
 #[derive(Debug, Default)]
 pub struct PollPoller {
-    entries: Vec<(RawFd, Token, Interest)>,
-    position: Vec<usize>,
+    entries: Vec<(RawFd, Interest, Token)>,
+    /// Index into `entries` for each descriptor number.
+    position: Vec<u32>,
     watched: Vec<(RawFd, PollFlags)>,
-    tokens: Vec<Token>,
+    /// For each watched descriptor, its index into `entries`.
+    watched_entry: Vec<u32>,
     revents: Vec<PollFlags>,
 }
 
@@ -221,7 +223,7 @@ impl PollPoller {
     }
 }
 
-const NOT_WATCHED: usize = usize::MAX;
+const NOT_WATCHED: u32 = u32::MAX;
 
 impl Poller for PollPoller {
     fn set_interest(
@@ -236,10 +238,10 @@ impl Poller for PollPoller {
         }
         match self.position[index] {
             NOT_WATCHED => {
-                self.position[index] = self.entries.len();
-                self.entries.push((fd.as_raw_fd(), token, interest));
+                self.position[index] = self.entries.len() as u32;
+                self.entries.push((fd.as_raw_fd(), interest, token));
             }
-            at => self.entries[at] = (fd.as_raw_fd(), token, interest),
+            at => self.entries[at as usize] = (fd.as_raw_fd(), interest, token),
         }
         Ok(())
     }
@@ -252,8 +254,8 @@ impl Poller for PollPoller {
         if at == NOT_WATCHED {
             return Ok(());
         }
-        self.entries.swap_remove(at);
-        if let Some(&(moved, _, _)) = self.entries.get(at) {
+        self.entries.swap_remove(at as usize);
+        if let Some(&(moved, _, _)) = self.entries.get(at as usize) {
             self.position[moved as usize] = at;
         }
         self.position[index] = NOT_WATCHED;
@@ -262,8 +264,8 @@ impl Poller for PollPoller {
 
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         self.watched.clear();
-        self.tokens.clear();
-        for &(fd, token, interest) in &self.entries {
+        self.watched_entry.clear();
+        for (entry, &(fd, interest, _)) in self.entries.iter().enumerate() {
             // A descriptor with no interest is left out entirely: poll reports hang-ups even
             // for empty event masks, which would wake the loop for nothing.
             if interest.is_none() {
@@ -277,7 +279,7 @@ impl Poller for PollPoller {
                 flags |= PollFlags::OUT;
             }
             self.watched.push((fd, flags));
-            self.tokens.push(token);
+            self.watched_entry.push(entry as u32);
         }
         let timeout = timespec(timeout);
         match sys::poll_registered(&self.watched, &mut self.revents, timeout.as_ref()) {
@@ -287,10 +289,11 @@ impl Poller for PollPoller {
             Err(err) => return Err(err),
         }
         let trouble = PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL;
-        for (revents, &token) in self.revents.iter().zip(&self.tokens) {
+        for (revents, &entry) in self.revents.iter().zip(&self.watched_entry) {
             if revents.is_empty() {
                 continue;
             }
+            let token = self.entries[entry as usize].2;
             let bad = revents.intersects(trouble);
             events.push(Event {
                 token,

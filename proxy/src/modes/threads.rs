@@ -26,7 +26,8 @@ use crate::shutdown::Shutdown;
 /// Default stack per session thread: the handshake, a 16 KiB relay buffer and logging fit with
 /// room to spare (debug builds included), and only touched pages cost memory.
 pub const DEFAULT_STACK_SIZE: usize = 128 * 1024;
-/// The relay buffer, on the session thread's stack.
+/// The relay buffer, taken from the heap only while a burst of bytes moves and given back
+/// before the thread sleeps: an idle session thread holds none.
 const THREAD_SCRATCH: usize = 16 * 1024;
 
 static ACCEPT_EXHAUSTED: BurstLog =
@@ -407,12 +408,12 @@ fn relay(
     idle_timeout: Option<Duration>,
     stop: &OwnedFd,
 ) -> io::Result<(u64, u64)> {
-    let mut scratch = [0u8; THREAD_SCRATCH];
     let mut up = Pipe::with_leftover(leftover);
     let mut down = Pipe::default();
     let mut last_activity = Instant::now();
     let result = loop {
         let moved_before = up.bytes() + down.bytes();
+        let mut scratch = vec![0u8; THREAD_SCRATCH];
         let states = up
             .pump(
                 &mut Nb(client),
@@ -442,6 +443,7 @@ fn relay(
         if up_state == PipeState::Yielded || down_state == PipeState::Yielded {
             continue;
         }
+        drop(scratch);
         let flags = |read: bool, write: bool| {
             let mut flags = PollFlags::empty();
             if read {
