@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod handshake;
 pub mod limits;
+pub mod listener;
 pub mod modes;
 pub mod relay;
 pub mod reply;
@@ -16,6 +17,7 @@ pub mod resolver;
 pub mod session;
 pub mod shutdown;
 mod sys;
+pub mod workers;
 
 pub use config::{Acl, Config};
 pub use modes::Mode;

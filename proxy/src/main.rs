@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 use proxy::auth::UserDb;
 use proxy::config::{parse_cidr, parse_duration, parse_size};
-use proxy::{limits, modes, Acl, Config, Mode, Shutdown};
+use proxy::{limits, listener, modes, workers, Acl, Config, Mode, Shutdown};
 
 /// A SOCKS5 proxy server (RFC 1928 CONNECT, RFC 1929 username/password).
 ///
@@ -83,9 +83,18 @@ struct Args {
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
     grace: Duration,
 
+    /// Run N worker processes sharing the port (SO_REUSEPORT), each in --mode, supervised
+    /// by this process: how to hold more sessions than one process's descriptor limit allows.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
+
     /// Log filter (error, warn, info, debug, trace, or a RUST_LOG directive) [default: RUST_LOG or info].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+
+    /// Internal: this process is a worker started by `--workers`.
+    #[arg(long = "worker-of-parent", hide = true)]
+    worker: bool,
 }
 
 fn main() -> ExitCode {
@@ -173,18 +182,22 @@ fn start(args: Args) -> anyhow::Result<()> {
     }
 
     let descriptors = limits::raise_nofile_limit().context("cannot raise RLIMIT_NOFILE")?;
-    let listener = TcpListener::bind(args.listen)
+    if args.workers > 1 && !args.worker {
+        return supervise_workers(&args, &config, descriptors);
+    }
+    if args.worker {
+        // A worker must not outlive its supervisor.
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+            .context("cannot set the parent-death signal")?;
+    }
+    let listener: TcpListener = listener::bind(args.listen, args.worker)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let bound = listener
         .local_addr()
         .context("cannot read the bound address")?;
 
-    if config.users.is_none() && !bound.ip().is_loopback() {
-        tracing::warn!(
-            "!!! listening on {bound} WITHOUT AUTHENTICATION: anyone who can reach this address \
-             can use this proxy; open proxies are found and abused within hours. Use --user or \
-             --users-file, or --allow-client to restrict who may connect. !!!"
-        );
+    if !args.worker {
+        warn_if_open(&config, bound);
     }
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone())?;
@@ -204,6 +217,38 @@ fn start(args: Args) -> anyhow::Result<()> {
     modes::run(listener, config, args.mode, shutdown).context("server failed")?;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Runs `--workers N` processes and supervises them until a signal.
+fn supervise_workers(args: &Args, config: &Config, descriptors: u64) -> anyhow::Result<()> {
+    let (_reservation, bound) = listener::reserve(args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    warn_if_open(config, bound);
+    tracing::info!(
+        mode = %args.mode,
+        workers = args.workers,
+        "each worker's descriptor limit {descriptors} allows about {} sessions; {} in all",
+        limits::sessions_for_descriptors(descriptors),
+        limits::sessions_for_descriptors(descriptors) * u64::from(args.workers)
+    );
+    let worker_args = workers::worker_args(std::env::args_os().skip(1), bound);
+    let clean = workers::supervise(usize::from(args.workers), bound, args.mode, worker_args)
+        .context("worker supervision failed")?;
+    if !clean {
+        bail!("a worker did not shut down cleanly");
+    }
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+fn warn_if_open(config: &Config, bound: SocketAddr) {
+    if config.users.is_none() && !bound.ip().is_loopback() {
+        tracing::warn!(
+            "!!! listening on {bound} WITHOUT AUTHENTICATION: anyone who can reach this address \
+             can use this proxy; open proxies are found and abused within hours. Use --user or \
+             --users-file, or --allow-client to restrict who may connect. !!!"
+        );
+    }
 }
 
 /// Installs SIGINT/SIGTERM handlers on a small thread of their own, so they work the same

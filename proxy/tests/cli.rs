@@ -164,59 +164,65 @@ fn public_bind_without_auth_warns_loudly() {
     assert!(stderr.contains("WITHOUT AUTHENTICATION"), "{stderr}");
 }
 
-/// With a soft and hard descriptor limit of 64, more sessions are opened than fit: the
-/// established ones keep flowing, the rest are refused cleanly (EOF, or reply 0x01 when the
-/// outgoing socket could not be created), and new sessions work once old ones close.
+/// With a soft and hard descriptor limit of 64, more sessions are opened than fit, in every
+/// mode: the established ones keep flowing, the rest are refused cleanly (EOF, or reply 0x01
+/// when the outgoing socket could not be created), and new sessions work once old ones close.
 #[test]
 fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
     let echo = Target::echo("127.0.0.1:0");
-    let mut command = Command::new("sh");
-    command.args([
-        "-c",
-        "ulimit -n 64 && exec \"$0\" --listen 127.0.0.1:0 --log-level warn",
-        proxy_binary(),
-    ]);
-    let mut proxy = ProxyProcess::spawn(command);
-    let target = TargetAddr::Ip(echo.addr);
-    let mut established = Vec::new();
-    let (mut refused_eof, mut refused_0x01) = (0, 0);
-    for _ in 0..60 {
-        match socks_connect(proxy.addr, &target, None) {
-            Ok((stream, ReplyCode::Succeeded, _)) => established.push(stream),
-            Ok((_, ReplyCode::GeneralFailure, _)) => refused_0x01 += 1,
-            Ok((_, code, _)) => panic!("unexpected reply {code:?}"),
-            Err(_) => refused_eof += 1,
+    for mode in all_modes() {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            "ulimit -n 64 && exec \"$0\" --listen 127.0.0.1:0 --log-level error --mode \"$1\"",
+            proxy_binary(),
+            mode.name(),
+        ]);
+        let mut proxy = ProxyProcess::spawn(command);
+        let target = TargetAddr::Ip(echo.addr);
+        let mut established = Vec::new();
+        let (mut refused_eof, mut refused_0x01) = (0, 0);
+        for _ in 0..60 {
+            match socks_connect(proxy.addr, &target, None) {
+                Ok((stream, ReplyCode::Succeeded, _)) => established.push(stream),
+                Ok((_, ReplyCode::GeneralFailure, _)) => refused_0x01 += 1,
+                Ok((_, code, _)) => panic!("{mode}: unexpected reply {code:?}"),
+                Err(_) => refused_eof += 1,
+            }
         }
-    }
-    let count = established.len();
-    assert!((10..60).contains(&count), "{count} sessions established");
-    assert!(refused_eof + refused_0x01 > 0);
-    assert!(
-        proxy.child.try_wait().expect("try_wait").is_none(),
-        "proxy died"
-    );
-    for (i, stream) in established.iter_mut().enumerate() {
-        let message = format!("session {i} still flows");
-        stream.write_all(message.as_bytes()).expect("write");
-        assert_eq!(
-            read_exact(stream, message.len()).expect("echo"),
-            message.as_bytes()
+        let count = established.len();
+        assert!(
+            (10..60).contains(&count),
+            "{mode}: {count} sessions established"
+        );
+        assert!(refused_eof + refused_0x01 > 0);
+        assert!(
+            proxy.child.try_wait().expect("try_wait").is_none(),
+            "{mode}: proxy died"
+        );
+        for (i, stream) in established.iter_mut().enumerate() {
+            let message = format!("session {i} still flows");
+            stream.write_all(message.as_bytes()).expect("write");
+            let echoed = read_exact(stream, message.len()).expect("echo");
+            assert_eq!(echoed, message.as_bytes(), "{mode}");
+        }
+        established.truncate(count / 2);
+        let mut recovered = None;
+        for _ in 0..200 {
+            if let Ok((stream, ReplyCode::Succeeded, _)) = socks_connect(proxy.addr, &target, None)
+            {
+                recovered = Some(stream);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut stream = recovered
+            .unwrap_or_else(|| panic!("{mode}: no new session after descriptors were freed"));
+        stream.write_all(b"recovered").expect("write");
+        assert_eq!(read_exact(&mut stream, 9).expect("echo"), b"recovered");
+        assert!(
+            proxy.child.try_wait().expect("try_wait").is_none(),
+            "{mode}: proxy died"
         );
     }
-    established.truncate(count / 2);
-    let mut recovered = None;
-    for _ in 0..200 {
-        if let Ok((stream, ReplyCode::Succeeded, _)) = socks_connect(proxy.addr, &target, None) {
-            recovered = Some(stream);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut stream = recovered.expect("a new session after descriptors were freed");
-    stream.write_all(b"recovered").expect("write");
-    assert_eq!(read_exact(&mut stream, 9).expect("echo"), b"recovered");
-    assert!(
-        proxy.child.try_wait().expect("try_wait").is_none(),
-        "proxy died"
-    );
 }

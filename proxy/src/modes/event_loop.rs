@@ -610,7 +610,7 @@ impl<P: Poller> EventLoop<'_, P> {
         let now = Instant::now();
         while let Some(Reverse((at, key, id, ticket))) = self.ctx.timers.peek().copied() {
             if at > now {
-                return;
+                break;
             }
             self.ctx.timers.pop();
             let Some(session) = self.sessions.get_mut(key) else {
