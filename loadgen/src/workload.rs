@@ -1,0 +1,374 @@
+//! The sessions: dial through the proxy (or directly), then keep messages going and check
+//! every echoed byte.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use proxy::client;
+use proxy::handshake::TargetAddr;
+use proxy::reply::ReplyCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::time::{timeout, Instant};
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Phase {
+    /// Sessions are being opened.
+    Ramp = 0,
+    /// All sessions are open and idle (memory is sampled).
+    Idle = 1,
+    /// Messages flow but are not counted.
+    Warmup = 2,
+    /// Messages flow and are counted.
+    Measure = 3,
+    /// Sessions finish their message in flight and close.
+    Stop = 4,
+}
+
+impl Phase {
+    fn from_u8(value: u8) -> Phase {
+        match value {
+            0 => Phase::Ramp,
+            1 => Phase::Idle,
+            2 => Phase::Warmup,
+            3 => Phase::Measure,
+            _ => Phase::Stop,
+        }
+    }
+}
+
+/// What every session needs to know.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Sessions to open.
+    pub conns: usize,
+    /// The SOCKS5 server, or `None` to connect straight to the echo target.
+    pub proxy: Option<SocketAddr>,
+    /// Echo target addresses; session i uses `echo[i % len]`.
+    pub echo: Vec<SocketAddr>,
+    /// Source addresses; session i binds `sources[i % len]`.
+    pub sources: Vec<Ipv4Addr>,
+    /// Username and password for RFC 1929.
+    pub auth: Option<(String, String)>,
+    /// Bytes per message.
+    pub size: usize,
+    /// Total messages per second (open loop), or `None` for closed loop.
+    pub rate: Option<f64>,
+    /// Limit for one dial (connect + handshake) and for one message round trip.
+    pub io_timeout: Duration,
+}
+
+/// Latency histograms in microseconds, shared by all sessions.
+pub struct Histograms {
+    /// Connect start → CONNECT reply (or connected, direct).
+    pub handshake: Mutex<Histogram<u64>>,
+    /// Message round trip; in open loop, from the scheduled send time.
+    pub rtt: Mutex<Histogram<u64>>,
+    /// Open loop only: from the actual write to the echo.
+    pub service: Mutex<Histogram<u64>>,
+}
+
+/// A histogram of microseconds from 1 µs to 1 h at 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+impl Histograms {
+    fn new() -> Self {
+        Histograms {
+            handshake: Mutex::new(histogram()),
+            rtt: Mutex::new(histogram()),
+            service: Mutex::new(histogram()),
+        }
+    }
+}
+
+/// Counters and histograms filled by the sessions.
+pub struct Shared {
+    phase: AtomicU8,
+    phase_tx: watch::Sender<Phase>,
+    /// Sessions whose dial completed.
+    pub established: AtomicU64,
+    /// Sessions whose dial failed, by cause.
+    pub failures: Mutex<BTreeMap<String, u64>>,
+    /// Dials finished (established or failed).
+    pub dialed: AtomicU64,
+    /// Messages completed in the measured window.
+    pub messages: AtomicU64,
+    /// Messages completed since the workload started (for the status line).
+    pub messages_total: AtomicU64,
+    /// Echoed messages that differed from what was sent.
+    pub corrupted: AtomicU64,
+    /// Established sessions that ended (EOF, reset, timeout) while the workload ran.
+    pub dropped: Mutex<BTreeMap<String, u64>>,
+    /// Latencies.
+    pub histograms: Histograms,
+    /// When the workload started (open-loop schedules count from here).
+    pub workload_start: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    /// Counters at zero, in the ramp phase.
+    pub fn new() -> Arc<Self> {
+        let (phase_tx, _) = watch::channel(Phase::Ramp);
+        Arc::new(Shared {
+            phase: AtomicU8::new(Phase::Ramp as u8),
+            phase_tx,
+            established: AtomicU64::new(0),
+            failures: Mutex::new(BTreeMap::new()),
+            dialed: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            messages_total: AtomicU64::new(0),
+            corrupted: AtomicU64::new(0),
+            dropped: Mutex::new(BTreeMap::new()),
+            histograms: Histograms::new(),
+            workload_start: Mutex::new(None),
+        })
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    /// Moves every session to `phase`.
+    pub fn set_phase(&self, phase: Phase) {
+        if phase == Phase::Warmup {
+            *lock(&self.workload_start) = Some(Instant::now());
+        }
+        self.phase.store(phase as u8, Ordering::Release);
+        self.phase_tx.send_replace(phase);
+    }
+
+    fn count(map: &Mutex<BTreeMap<String, u64>>, cause: String) {
+        *lock(map).entry(cause).or_default() += 1;
+    }
+
+    /// Total failed dials.
+    pub fn failed(&self) -> u64 {
+        lock(&self.failures).values().sum()
+    }
+
+    /// Total dropped sessions.
+    pub fn dropped_total(&self) -> u64 {
+        lock(&self.dropped).values().sum()
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (a panicking session must not hide the others' data).
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Names an I/O failure the way the record counts it.
+fn io_cause(err: &io::Error) -> String {
+    match err.kind() {
+        io::ErrorKind::ConnectionRefused => "refused".into(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => "reset".into(),
+        io::ErrorKind::UnexpectedEof => "eof".into(),
+        io::ErrorKind::TimedOut => "timeout".into(),
+        io::ErrorKind::AddrNotAvailable => "no-source-port".into(),
+        _ => match err.raw_os_error() {
+            Some(24) => "loadgen-out-of-descriptors".into(),
+            _ => format!("io: {}", err.kind()),
+        },
+    }
+}
+
+/// Fills `buf` with the bytes of message `seq` of session `id`: every message differs, so a
+/// byte from another session or another message is caught.
+pub fn fill_pattern(buf: &mut [u8], id: usize, seq: u64) {
+    let mut state = (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ seq.wrapping_mul(0xD1B5_4A32_D192_ED03)
+        | 1;
+    for chunk in buf.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// Opens the session's connection: connect (from its source address) and, through a proxy,
+/// the SOCKS5 handshake.
+async fn dial(id: usize, plan: &Plan) -> Result<TcpStream, String> {
+    let source = plan.sources[id % plan.sources.len()];
+    let echo = plan.echo[id % plan.echo.len()];
+    let socket = TcpSocket::new_v4().map_err(|e| io_cause(&e))?;
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .map_err(|e| io_cause(&e))?;
+    let connect_to = plan.proxy.unwrap_or(echo);
+    let mut stream = socket.connect(connect_to).await.map_err(|e| io_cause(&e))?;
+    stream.set_nodelay(true).map_err(|e| io_cause(&e))?;
+    if plan.proxy.is_none() {
+        return Ok(stream);
+    }
+    let method = if plan.auth.is_some() { 2 } else { 0 };
+    let io = |e: io::Error| io_cause(&e);
+    stream
+        .write_all(&client::encode_greeting(&[method]))
+        .await
+        .map_err(io)?;
+    let mut chosen = [0u8; 2];
+    stream.read_exact(&mut chosen).await.map_err(io)?;
+    if chosen != [5, method] {
+        return Err(format!("method-{:02x}", chosen[1]));
+    }
+    if let Some((name, password)) = &plan.auth {
+        stream
+            .write_all(&client::encode_auth(name, password))
+            .await
+            .map_err(io)?;
+        let mut status = [0u8; 2];
+        stream.read_exact(&mut status).await.map_err(io)?;
+        if status != [1, 0] {
+            return Err("auth-rejected".into());
+        }
+    }
+    let mut request = Vec::with_capacity(32);
+    client::encode_request(1, &TargetAddr::Ip(echo), &mut request);
+    stream.write_all(&request).await.map_err(io)?;
+    let mut reply = Vec::with_capacity(22);
+    let mut byte = [0u8; 1];
+    loop {
+        match client::parse_reply(&reply) {
+            Ok(Some((ReplyCode::Succeeded, _, _))) => return Ok(stream),
+            Ok(Some((code, _, _))) => return Err(format!("socks-{:#04x}", code.as_u8())),
+            Ok(None) => {}
+            Err(_) => return Err("bad-reply".into()),
+        }
+        stream.read_exact(&mut byte).await.map_err(io)?;
+        reply.push(byte[0]);
+    }
+}
+
+/// One session: dial, wait for the workload, run it until the stop phase.
+pub async fn session(
+    id: usize,
+    plan: Arc<Plan>,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let dialed = timeout(plan.io_timeout, dial(id, &plan)).await;
+    drop(permit);
+    let stream = match dialed {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(cause)) => {
+            Shared::count(&shared.failures, cause);
+            shared.dialed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            Shared::count(&shared.failures, "timeout".into());
+            shared.dialed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let micros = started.elapsed().as_micros() as u64;
+    let _ = lock(&shared.histograms.handshake).record(micros.max(1));
+    shared.established.fetch_add(1, Ordering::Relaxed);
+    shared.dialed.fetch_add(1, Ordering::Relaxed);
+
+    let mut phases = shared.phase_tx.subscribe();
+    while *phases.borrow_and_update() < Phase::Warmup {
+        if phases.changed().await.is_err() {
+            return;
+        }
+    }
+    drop(phases);
+    if let Err(cause) = run_messages(id, stream, &plan, &shared).await {
+        Shared::count(&shared.dropped, cause);
+    }
+}
+
+/// Sends messages until the stop phase; `Err(cause)` if the session broke.
+async fn run_messages(
+    id: usize,
+    mut stream: TcpStream,
+    plan: &Plan,
+    shared: &Shared,
+) -> Result<(), String> {
+    let mut sent = vec![0u8; plan.size];
+    let mut received = vec![0u8; plan.size];
+    let per_session_interval = plan
+        .rate
+        .map(|rate| Duration::from_secs_f64(plan.conns as f64 / rate.max(1e-9)));
+    let start = lock(&shared.workload_start).unwrap_or_else(Instant::now);
+    // Spread the sessions' schedules evenly over one interval.
+    let mut next_send = per_session_interval
+        .map(|interval| start + interval.mul_f64(id as f64 / plan.conns.max(1) as f64));
+    let mut seq = 0u64;
+    loop {
+        if let Some(at) = next_send {
+            tokio::time::sleep_until(at).await;
+        }
+        let phase = shared.phase();
+        if phase == Phase::Stop {
+            let _ = stream.shutdown().await;
+            return Ok(());
+        }
+        fill_pattern(&mut sent, id, seq);
+        let scheduled = next_send.unwrap_or_else(Instant::now);
+        let written_at = Instant::now();
+        let round_trip = async {
+            stream.write_all(&sent).await?;
+            stream.read_exact(&mut received).await?;
+            Ok::<_, io::Error>(())
+        };
+        match timeout(plan.io_timeout, round_trip).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(io_cause(&err)),
+            Err(_) => return Err("timeout".into()),
+        }
+        let done = Instant::now();
+        if received != sent {
+            shared.corrupted.fetch_add(1, Ordering::Relaxed);
+            return Err("corrupted".into());
+        }
+        shared.messages_total.fetch_add(1, Ordering::Relaxed);
+        if phase == Phase::Measure {
+            shared.messages.fetch_add(1, Ordering::Relaxed);
+            let rtt = done.saturating_duration_since(scheduled).as_micros() as u64;
+            let _ = lock(&shared.histograms.rtt).record(rtt.max(1));
+            if plan.rate.is_some() {
+                let service = done.saturating_duration_since(written_at).as_micros() as u64;
+                let _ = lock(&shared.histograms.service).record(service.max(1));
+            }
+        }
+        seq += 1;
+        if let (Some(at), Some(interval)) = (next_send.as_mut(), per_session_interval) {
+            *at += interval;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_differ_per_session_and_message() {
+        let mut a = [0u8; 128];
+        let mut b = [0u8; 128];
+        fill_pattern(&mut a, 1, 0);
+        fill_pattern(&mut b, 1, 0);
+        assert_eq!(a, b);
+        fill_pattern(&mut b, 1, 1);
+        assert_ne!(a, b);
+        fill_pattern(&mut b, 2, 0);
+        assert_ne!(a, b);
+        let mut odd = [0u8; 13];
+        fill_pattern(&mut odd, 3, 3);
+        assert!(odd.iter().any(|&x| x != 0));
+    }
+}
