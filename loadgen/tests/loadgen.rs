@@ -1,0 +1,319 @@
+//! loadgen run as a user runs it: small runs against every mode and `direct`, faulty proxies
+//! caught, and Ctrl-C leaving no child behind.
+#![allow(missing_docs)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Once;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const MODES: [&str; 7] = [
+    "direct", "threads", "select", "poll", "epoll", "epoll-et", "async",
+];
+
+/// Makes sure the proxy binary sits beside loadgen (it does after `cargo test --workspace`;
+/// `cargo test -p loadgen` alone does not build it).
+fn ensure_proxy_built() {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let loadgen = Path::new(env!("CARGO_BIN_EXE_loadgen"));
+        if loadgen.with_file_name("proxy").is_file() {
+            return;
+        }
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "-p", "proxy", "--bin", "proxy"]);
+        if loadgen
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|d| d == "release")
+        {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo");
+        assert!(status.success(), "cannot build the proxy binary");
+    });
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("loadgen-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn loadgen(args: &[&str]) -> Command {
+    ensure_proxy_built();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    command.args([
+        "--duration",
+        "1s",
+        "--warmup",
+        "200ms",
+        "--idle-hold",
+        "200ms",
+        "--quiet",
+    ]);
+    command.args(args);
+    command
+}
+
+fn the_record(dir: &Path) -> Value {
+    let runs: Vec<PathBuf> = std::fs::read_dir(dir.join("runs"))
+        .expect("runs dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    serde_json::from_str(&std::fs::read_to_string(&runs[0]).expect("read")).expect("valid JSON")
+}
+
+fn u(value: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(value, |v, key| &v[*key])
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number"))
+}
+
+#[test]
+fn small_runs_against_every_mode_are_recorded_consistently() {
+    for mode in MODES {
+        for rate in [None, Some("2000")] {
+            let dir = temp_dir(&format!("{mode}-{}", rate.unwrap_or("closed")));
+            let mut command = loadgen(&["--conns", "40", "--mode", mode, "--results"]);
+            command.arg(&dir);
+            if let Some(rate) = rate {
+                command.args(["--rate", rate]);
+            }
+            let output = command.output().expect("run loadgen");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(output.status.success(), "{mode}: {stderr}");
+            let record = the_record(&dir);
+            assert_eq!(record["schema_version"], 1);
+            assert_eq!(record["outcome"], "ok", "{mode}");
+            assert_eq!(record["config"]["mode"], mode);
+            let requested = u(&record, &["sessions", "requested"]);
+            let established = u(&record, &["sessions", "established"]);
+            let failed = u(&record, &["sessions", "failed"]);
+            assert_eq!(requested, 40);
+            assert_eq!(established + failed, requested, "{mode}: counts add up");
+            assert_eq!(established, 40, "{mode}: every session established");
+            assert_eq!(u(&record, &["messages", "corrupted"]), 0);
+            let count = u(&record, &["messages", "count"]);
+            assert!(count > 0, "{mode}: messages flowed");
+            for histogram in ["rtt", "handshake"] {
+                let p = &record["latency_us"][histogram];
+                let values: Vec<u64> = ["min", "p50", "p90", "p99", "p999", "max"]
+                    .iter()
+                    .map(|k| p[*k].as_u64().expect("number"))
+                    .collect();
+                assert!(
+                    values.windows(2).all(|w| w[0] <= w[1]),
+                    "{mode} {histogram}: {values:?}"
+                );
+            }
+            assert_eq!(u(&record, &["latency_us", "rtt", "count"]), count);
+            if rate.is_some() {
+                assert!(record["latency_us"]["service"]["p99"].as_u64().is_some());
+            }
+            if mode != "direct" {
+                assert!(
+                    u(&record, &["proxy", "rss_idle"]) > 0,
+                    "{mode}: proxy RSS measured"
+                );
+                assert!(u(&record, &["proxy", "processes"]) >= 1);
+            }
+            let summary = std::fs::read_to_string(dir.join("summary.csv")).expect("summary");
+            assert_eq!(summary.lines().count(), 2, "{summary}");
+            let hgrm = std::fs::read_dir(dir.join("runs"))
+                .expect("runs")
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "hgrm"))
+                .count();
+            assert_eq!(hgrm, if rate.is_some() { 3 } else { 2 });
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// How a deliberately broken SOCKS5 server misbehaves.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Flips one bit of the 300th byte it relays back to the client.
+    CorruptOneByte,
+    /// Closes the first session after relaying 200 bytes.
+    DropOneSession,
+}
+
+/// A minimal SOCKS5 server (no auth, IPv4 CONNECT) with one fault.
+fn faulty_proxy(fault: Fault) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for (index, client) in listener.incoming().enumerate() {
+            let Ok(mut client) = client else { continue };
+            std::thread::spawn(move || {
+                let mut greeting = [0u8; 3];
+                let mut request = [0u8; 10];
+                if client.read_exact(&mut greeting).is_err() || client.write_all(&[5, 0]).is_err() {
+                    return;
+                }
+                if client.read_exact(&mut request).is_err() {
+                    return;
+                }
+                let ip = std::net::Ipv4Addr::new(request[4], request[5], request[6], request[7]);
+                let port = u16::from_be_bytes([request[8], request[9]]);
+                let Ok(target) = TcpStream::connect((ip, port)) else {
+                    return;
+                };
+                let _ = client.write_all(&[5, 0, 0, 1, 127, 0, 0, 1, 0, 0]);
+                let (mut up_from, mut up_to) = (
+                    client.try_clone().expect("clone"),
+                    target.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up_from, &mut up_to);
+                    let _ = up_to.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut from, mut to) = (target, client);
+                let mut relayed = 0usize;
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = from.read(&mut buf) else { return };
+                    if n == 0 {
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                        return;
+                    }
+                    match fault {
+                        Fault::CorruptOneByte if relayed <= 300 && relayed + n > 300 => {
+                            buf[300 - relayed] ^= 0x01;
+                        }
+                        Fault::DropOneSession if index == 0 && relayed + n > 200 => {
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                        _ => {}
+                    }
+                    relayed += n;
+                    if to.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_faulty_proxy_is_caught_and_reported() {
+    for (fault, expected) in [
+        (Fault::CorruptOneByte, "data corruption"),
+        (Fault::DropOneSession, "dropped"),
+    ] {
+        let proxy = faulty_proxy(fault);
+        let dir = temp_dir(expected.split(' ').next().unwrap_or("fault"));
+        let output = loadgen(&[
+            "--conns",
+            "4",
+            "--proxy",
+            &proxy.to_string(),
+            "--label",
+            "faulty",
+            "--results",
+        ])
+        .arg(&dir)
+        .output()
+        .expect("run loadgen");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        let record = the_record(&dir);
+        assert!(record["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains(expected)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn ctrl_c_mid_run_leaves_no_child_behind() {
+    ensure_proxy_built();
+    let dir = temp_dir("ctrl-c");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args([
+            "--conns",
+            "50",
+            "--mode",
+            "async",
+            "--workers",
+            "2",
+            "--duration",
+            "60s",
+            "--results",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn loadgen");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let mut pids = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        if let Some(rest) = line.split_once("echo pid ").map(|(_, r)| r) {
+            for word in rest
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|w| !w.is_empty())
+            {
+                pids.push(word.parse::<u32>().expect("pid"));
+            }
+        }
+        if line.contains("t=  1s") {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 2, "echo and proxy pids: {pids:?}");
+    let workers = children_of(pids[1]);
+    assert_eq!(workers.len(), 2, "proxy workers: {workers:?}");
+    let everyone: Vec<u32> = pids.iter().chain(&workers).copied().collect();
+    assert!(everyone.iter().all(|&pid| alive(pid)));
+
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let drain = std::thread::spawn(move || lines.count());
+    let status = child.wait().expect("wait");
+    let _ = drain.join();
+    assert_eq!(status.code(), Some(130));
+    for _ in 0..200 {
+        if everyone.iter().all(|&pid| !alive(pid)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left: Vec<u32> = everyone.into_iter().filter(|&pid| alive(pid)).collect();
+    assert!(left.is_empty(), "still running after Ctrl-C: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
