@@ -3,6 +3,7 @@
 
 mod children;
 mod echo;
+mod plot;
 mod record;
 mod workload;
 
@@ -57,6 +58,16 @@ enum Sub {
         /// Runtime threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+    },
+    /// Draw the c10k charts (SVG and PNG) and results/README.md from stored records, without
+    /// running anything.
+    Plot {
+        /// Directory holding runs/ (charts/ and README.md are written there).
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Only records of this sweep (`--tag` of the runs) [default: every record].
+        #[arg(long)]
+        tag: Option<String>,
     },
 }
 
@@ -137,6 +148,10 @@ struct RunArgs {
     #[arg(long, default_value = "results")]
     results: PathBuf,
 
+    /// A name stored in the record, grouping the runs of one sweep.
+    #[arg(long)]
+    tag: Option<String>,
+
     /// Do not write a record (still prints the summary).
     #[arg(long)]
     no_record: bool,
@@ -171,6 +186,20 @@ fn main() -> ExitCode {
             Err(err) => {
                 eprintln!("loadgen echo: {err:#}");
                 ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Sub::Plot { results, tag }) = &args.command {
+        return match plot::plot(results, tag.as_deref()) {
+            Ok(files) => {
+                for file in files {
+                    println!("{}", file.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("loadgen plot: {err:#}");
+                ExitCode::from(2)
             }
         };
     }
@@ -631,6 +660,7 @@ fn build_record(
             echo_addrs: plan.echo.iter().map(ToString::to_string).collect(),
             source_addrs: plan.sources.iter().map(ToString::to_string).collect(),
             command: std::env::args().collect(),
+            tag: args.tag.clone(),
         },
         sessions: Sessions {
             requested: plan.conns,

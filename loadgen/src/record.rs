@@ -83,6 +83,9 @@ pub struct RunConfig {
     pub source_addrs: Vec<String>,
     /// The command line.
     pub command: Vec<String>,
+    /// A name grouping the runs of one sweep (`--tag`).
+    #[serde(default)]
+    pub tag: Option<String>,
 }
 
 /// Percentiles of a latency histogram, microseconds.
