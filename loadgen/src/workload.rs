@@ -203,6 +203,16 @@ async fn dial(id: usize, plan: &Plan) -> Result<TcpStream, String> {
     let source = plan.sources[id % plan.sources.len()];
     let echo = plan.echo[id % plan.echo.len()];
     let socket = TcpSocket::new_v4().map_err(|e| io_cause(&e))?;
+    // Choose the source port at connect time, not at bind time: a port then only needs to be
+    // unique per 4-tuple (and TIME_WAIT ports from earlier runs can be reused on loopback).
+    // Bound without this, every session would hold a port exclusively, and the proxy's own
+    // outgoing connections would run out of ephemeral ports.
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .map_err(|e| io_cause(&io::Error::from(e)))?;
     socket
         .bind(SocketAddr::from((source, 0)))
         .map_err(|e| io_cause(&e))?;

@@ -115,7 +115,8 @@ impl Failure {
             }
             io::ErrorKind::HostUnreachable => Failure::HostUnreachable,
             io::ErrorKind::TimedOut => Failure::ConnectTimeout,
-            io::ErrorKind::AddrNotAvailable => Failure::HostUnreachable,
+            // On connect, EADDRNOTAVAIL means no local port is free: the server's resource.
+            io::ErrorKind::AddrNotAvailable => Failure::ResourceExhausted,
             io::ErrorKind::OutOfMemory => Failure::ResourceExhausted,
             _ => Failure::Other,
         }
@@ -163,6 +164,7 @@ mod tests {
             (rustix::io::Errno::TIMEDOUT, ReplyCode::TtlExpired),
             (rustix::io::Errno::MFILE, ReplyCode::GeneralFailure),
             (rustix::io::Errno::ACCESS, ReplyCode::GeneralFailure),
+            (rustix::io::Errno::ADDRNOTAVAIL, ReplyCode::GeneralFailure),
         ];
         for (errno, code) in cases {
             let err = io::Error::from_raw_os_error(errno.raw_os_error());
