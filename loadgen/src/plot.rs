@@ -130,8 +130,10 @@ fn ordered(series: &Series) -> Vec<&String> {
     labels
 }
 
-fn style_of(index: usize) -> (RGBColor, usize) {
-    (PALETTE[index % PALETTE.len()], index)
+/// The colour and marker of a label: fixed per mode, so a mode looks the same on every chart.
+fn style_of(label: &str, index: usize) -> (RGBColor, usize) {
+    let slot = ORDER.iter().position(|o| *o == label).unwrap_or(ORDER.len() + index);
+    (PALETTE[slot % PALETTE.len()], slot)
 }
 
 /// What a line chart shows.
@@ -232,6 +234,7 @@ where
     builder
         .caption(chart.title, ("sans-serif", 24))
         .margin(16)
+        .margin_right(48)
         .x_label_area_size(48)
         .y_label_area_size(84);
     if chart.spectrum {
@@ -310,7 +313,7 @@ where
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], gray.stroke_width(2)));
     }
     for (index, (label, points)) in chart.lines.iter().enumerate() {
-        let (color, shape) = style_of(index);
+        let (color, shape) = style_of(label, index);
         ctx.draw_series(LineSeries::new(
             points.iter().copied(),
             color.stroke_width(2),
