@@ -132,7 +132,10 @@ fn ordered(series: &Series) -> Vec<&String> {
 
 /// The colour and marker of a label: fixed per mode, so a mode looks the same on every chart.
 fn style_of(label: &str, index: usize) -> (RGBColor, usize) {
-    let slot = ORDER.iter().position(|o| *o == label).unwrap_or(ORDER.len() + index);
+    let slot = ORDER
+        .iter()
+        .position(|o| *o == label)
+        .unwrap_or(ORDER.len() + index);
     (PALETTE[slot % PALETTE.len()], slot)
 }
 

@@ -30,6 +30,9 @@ pub struct Config {
     pub threads: Option<usize>,
     /// Stack size of each session thread in `threads` mode; `None` means the mode's default.
     pub stack_size: Option<usize>,
+    /// The address UDP ASSOCIATE replies advertise (behind NAT); `None`: the local address of
+    /// the client's control connection.
+    pub udp_advertise: Option<IpAddr>,
 }
 
 impl Default for Config {
@@ -44,6 +47,7 @@ impl Default for Config {
             grace: Duration::from_secs(5),
             threads: None,
             stack_size: None,
+            udp_advertise: None,
         }
     }
 }

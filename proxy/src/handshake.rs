@@ -129,7 +129,7 @@ pub fn encode_failure_reply(code: ReplyCode, out: &mut Vec<u8>) {
 /// A parsed request the server must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// The command; only [`Command::Connect`] reaches a server mode today.
+    /// CONNECT, BIND or UDP ASSOCIATE (unknown commands are answered by the core).
     pub command: Command,
     /// The destination.
     pub target: TargetAddr,
@@ -165,9 +165,12 @@ pub enum HandshakeError {
 pub enum Step {
     /// Write any bytes appended to `out`, then read more input.
     NeedInput,
-    /// Write any bytes appended to `out`, open a connection for this request, then report the
-    /// outcome with [`Handshake::connect_succeeded`] or [`Handshake::connect_failed`].
-    Connect(Request),
+    /// Write any bytes appended to `out`, then carry out this request (CONNECT, BIND or UDP
+    /// ASSOCIATE) and report the outcome: [`Handshake::connect_succeeded`] with the bound
+    /// address (for BIND, after [`Handshake::bind_listening`], with the peer's address), or
+    /// [`Handshake::connect_failed`]. A mode that does not support a command reports
+    /// [`Failure::CommandNotSupported`].
+    Request(Request),
     /// Write the bytes appended to `out` (a success reply), then relay; see
     /// [`Handshake::take_leftover`] for bytes that already arrived for the target.
     Relay,
@@ -254,6 +257,14 @@ impl Handshake {
         encode_reply(ReplyCode::Succeeded, bound, out);
         self.state = State::Established;
         Step::Relay
+    }
+
+    /// BIND's first reply: the server listens at `listening` for the inbound connection.
+    /// The second reply follows with [`Handshake::connect_succeeded`] and the peer's address.
+    pub fn bind_listening(&mut self, listening: SocketAddr, out: &mut Vec<u8>) {
+        if self.state == State::Connecting {
+            encode_reply(ReplyCode::Succeeded, listening, out);
+        }
     }
 
     /// Records that the outgoing connection failed and appends the matching failure reply.
@@ -351,11 +362,11 @@ impl Handshake {
                 consumed,
             }) => {
                 self.consume(consumed);
-                if command != Command::Connect {
+                if matches!(command, Command::Unknown(_)) {
                     return Ok(Some(self.fail_request(Failure::CommandNotSupported, out)));
                 }
                 self.state = State::Connecting;
-                Ok(Some(Step::Connect(Request {
+                Ok(Some(Step::Request(Request {
                     command,
                     target,
                     user: self.user.take(),
@@ -544,7 +555,7 @@ mod tests {
                 let mut hs = Handshake::new(None);
                 let (out, steps) = run(&mut hs, &wire, &cuts);
                 assert_eq!(out, [5, 0], "cuts {cuts:?}");
-                let Some(Step::Connect(request)) = steps.last() else {
+                let Some(Step::Request(request)) = steps.last() else {
                     panic!("no connect for cuts {cuts:?}: {steps:?}");
                 };
                 assert_eq!(request.target, target);
@@ -565,7 +576,7 @@ mod tests {
         let mut hs = Handshake::new(None);
         hs.receive(&wire);
         let mut out = Vec::new();
-        assert!(matches!(hs.step(&mut out), Step::Connect(_)));
+        assert!(matches!(hs.step(&mut out), Step::Request(_)));
         assert!(!hs.wants_input());
         let bound: SocketAddr = "127.0.0.1:5555".parse().expect("addr");
         assert_eq!(hs.connect_succeeded(bound, &mut out), Step::Relay);
@@ -584,7 +595,7 @@ mod tests {
             let (out, steps) = run(&mut hs, &wire, &cuts);
             assert_eq!(out, [5, 2, 1, 0], "cuts {cuts:?}");
             match steps.last() {
-                Some(Step::Connect(request)) => {
+                Some(Step::Request(request)) => {
                     assert_eq!(request.target, target);
                     assert_eq!(request.user.as_deref(), Some("alice"));
                 }
@@ -675,9 +686,7 @@ mod tests {
 
     #[test]
     fn request_errors_map_to_reply_codes() {
-        let cases: [(&[u8], u8); 7] = [
-            (&[5, 2, 0, 1, 127, 0, 0, 1, 0, 80], 0x07), // BIND
-            (&[5, 3, 0, 1, 127, 0, 0, 1, 0, 80], 0x07), // UDP ASSOCIATE
+        let cases: [(&[u8], u8); 5] = [
             (&[5, 9, 0, 1, 127, 0, 0, 1, 0, 80], 0x07), // unknown command
             (&[5, 1, 0, 7], 0x08),                      // unknown ATYP
             (&[5, 1, 1, 1, 127, 0, 0, 1, 0, 80], 0x01), // RSV not zero
@@ -692,11 +701,35 @@ mod tests {
     }
 
     #[test]
+    fn bind_and_udp_associate_reach_the_mode() {
+        for (command, expected) in [(2u8, Command::Bind), (3, Command::UdpAssociate)] {
+            let (out, step) = request_reply(&[5, command, 0, 1, 127, 0, 0, 1, 0, 0]);
+            assert!(out.is_empty());
+            let Step::Request(request) = step else {
+                panic!("{step:?}");
+            };
+            assert_eq!(request.command, expected);
+        }
+        // BIND: two replies, then relay.
+        let mut hs = Handshake::new(None);
+        let mut out = Vec::new();
+        hs.receive(&[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 1, 0, 0]);
+        assert!(matches!(hs.step(&mut out), Step::Request(_)));
+        out.clear();
+        hs.bind_listening("127.0.0.1:1000".parse().expect("addr"), &mut out);
+        hs.connect_succeeded("127.0.0.2:2000".parse().expect("addr"), &mut out);
+        assert_eq!(
+            out,
+            [5, 0, 0, 1, 127, 0, 0, 1, 0x03, 0xe8, 5, 0, 0, 1, 127, 0, 0, 2, 0x07, 0xd0]
+        );
+    }
+
+    #[test]
     fn connect_failure_reply_uses_the_table() {
         let mut hs = Handshake::new(None);
         let mut out = Vec::new();
         hs.receive(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 80]);
-        assert!(matches!(hs.step(&mut out), Step::Connect(_)));
+        assert!(matches!(hs.step(&mut out), Step::Request(_)));
         out.clear();
         let step = hs.connect_failed(Failure::ConnectionRefused, &mut out);
         assert_eq!(out, [5, 5, 0, 1, 0, 0, 0, 0, 0, 0]);
@@ -712,7 +745,7 @@ mod tests {
         let mut hs = Handshake::new(None);
         let mut out = Vec::new();
         hs.receive(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 80]);
-        assert!(matches!(hs.step(&mut out), Step::Connect(_)));
+        assert!(matches!(hs.step(&mut out), Step::Request(_)));
         out.clear();
         hs.connect_succeeded("[::1]:258".parse().expect("addr"), &mut out);
         let mut expected = vec![5, 0, 0, 4];

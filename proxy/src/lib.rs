@@ -1,4 +1,4 @@
-//! A SOCKS5 server (RFC 1928 CONNECT, RFC 1929 username/password) with one sans-IO protocol
+//! A SOCKS5 server (RFC 1928 CONNECT, BIND and UDP ASSOCIATE; RFC 1929 username/password) with one sans-IO protocol
 //! core and interchangeable concurrency models.
 //!
 //! A program binds a listener and calls [`modes::run`] with a [`Config`], a [`Mode`] and a
@@ -17,6 +17,7 @@ pub mod resolver;
 pub mod session;
 pub mod shutdown;
 mod sys;
+pub mod udp;
 pub mod workers;
 
 pub use config::{Acl, Config};

@@ -16,7 +16,7 @@ use proxy::auth::UserDb;
 use proxy::config::{parse_cidr, parse_duration, parse_size};
 use proxy::{limits, listener, modes, workers, Acl, Config, Mode, Shutdown};
 
-/// A SOCKS5 proxy server (RFC 1928 CONNECT, RFC 1929 username/password).
+/// A SOCKS5 proxy server (RFC 1928 CONNECT, BIND, UDP ASSOCIATE; RFC 1929 username/password).
 ///
 /// Prints `listening on <ADDR> mode=<MODE>` on stdout once it accepts connections.
 /// SIGINT/SIGTERM stop accepting and let sessions finish for --grace; a second signal exits
@@ -82,6 +82,11 @@ struct Args {
     /// After SIGINT/SIGTERM, how long running sessions may go on before they are closed.
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
     grace: Duration,
+
+    /// Address that UDP ASSOCIATE replies advertise for the relay socket (when the server sits
+    /// behind NAT) [default: the local address of the client's control connection].
+    #[arg(long, value_name = "ADDR")]
+    udp_advertise: Option<std::net::IpAddr>,
 
     /// Run N worker processes sharing the port (SO_REUSEPORT), each in --mode, supervised
     /// by this process: how to hold more sessions than one process's descriptor limit allows.
@@ -174,6 +179,7 @@ fn start(args: Args) -> anyhow::Result<()> {
         grace: args.grace,
         threads: args.threads.map(usize::from),
         stack_size: args.stack_size,
+        udp_advertise: args.udp_advertise,
     });
     if let Some(size) = args.stack_size {
         if size < 32 * 1024 {

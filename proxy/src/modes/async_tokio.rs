@@ -21,8 +21,9 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::config::{Acl, Config};
-use crate::handshake::{Handshake, Request, Step, TargetAddr, MAX_MESSAGE_LEN};
+use crate::handshake::{Command, Handshake, Request, Step, TargetAddr, MAX_MESSAGE_LEN};
 use crate::limits::{self, BurstLog, ReserveDescriptor};
+use crate::modes::async_commands;
 use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
 use crate::reply::Failure;
 use crate::session::SessionError;
@@ -134,8 +135,8 @@ async fn session(client: TcpStream, peer: SocketAddr, config: Arc<Config>) {
     }
 }
 
-/// Runs the handshake and the outgoing connect; on success returns both sockets and the bytes
-/// the client already sent for the target.
+/// Runs the handshake and the request: CONNECT or BIND return both sockets to relay and the
+/// bytes the client already sent for the other side; UDP ASSOCIATE runs here to its end.
 async fn establish(
     mut client: TcpStream,
     peer: SocketAddr,
@@ -158,6 +159,16 @@ async fn establish(
             return None;
         }
     };
+    match request.command {
+        Command::Bind => {
+            return async_commands::bind(client, handshake, request, peer, config).await
+        }
+        Command::UdpAssociate => {
+            async_commands::udp_associate(client, handshake, request, peer, config).await;
+            return None;
+        }
+        Command::Connect | Command::Unknown(_) => {}
+    }
     let mut out = Vec::new();
     let outcome = match connect(&request.target, config).await {
         Ok(target) => target
@@ -209,7 +220,7 @@ async fn read_request(
                     Err(err) => return Err(err.into()),
                 }
             }
-            Step::Connect(request) => return Ok(request),
+            Step::Request(request) => return Ok(request),
             Step::Close(err) => return Err(err.into()),
             Step::Relay => return Err(SessionError::Protocol("relay before request")),
         }

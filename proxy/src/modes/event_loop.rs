@@ -22,7 +22,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use slab::Slab;
 
 use crate::config::Config;
-use crate::handshake::{Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
+use crate::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
 use crate::limits::{self, BurstLog, ReserveDescriptor};
 use crate::modes::poller::{Event, Interest, Poller, Token};
 use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
@@ -775,7 +775,11 @@ fn negotiate(
                         negotiation.step = NegotiationStep::Closing;
                     }
                     Step::Relay => negotiation.step = NegotiationStep::Closing,
-                    Step::Connect(request) => {
+                    Step::Request(request) if request.command != Command::Connect => {
+                        // BIND and UDP ASSOCIATE are served by the async mode only.
+                        fail_request(negotiation, Failure::CommandNotSupported);
+                    }
+                    Step::Request(request) => {
                         let deadline = Instant::now() + ctx.config.connect_timeout;
                         ctx.arm_timer(session, key, deadline);
                         let Phase::Negotiating(negotiation) = &mut session.phase else {

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 
+pub mod async_commands;
 pub mod async_tokio;
 pub mod event_loop;
 pub mod poller;
@@ -64,9 +65,9 @@ impl Mode {
         }
     }
 
-    /// Whether the mode supports BIND and UDP ASSOCIATE (none does yet).
-    pub fn supports_all_commands(self) -> bool {
-        false
+    /// Whether the mode supports BIND and UDP ASSOCIATE besides CONNECT (others reply 0x07).
+    pub fn supports_bind_and_udp(self) -> bool {
+        self == Mode::Async
     }
 }
 

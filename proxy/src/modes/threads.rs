@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
 use crate::config::Config;
-use crate::handshake::{Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
+use crate::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
 use crate::limits::{self, BurstLog, ReserveDescriptor};
 use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil};
 use crate::reply::Failure;
@@ -286,13 +286,19 @@ fn serve_session(
                     Err(err) => return Err(err.into()),
                 }
             }
-            Step::Connect(request) => break request,
+            Step::Request(request) => break request,
             Step::Close(err) => return Err(err.into()),
             Step::Relay => return Err(SessionError::Protocol("relay before request")),
         }
     };
     let deadline = Instant::now() + config.connect_timeout;
-    let outcome = connect(&request.target, config, deadline, stop).and_then(|target| {
+    let outcome = if request.command == Command::Connect {
+        connect(&request.target, config, deadline, stop)
+    } else {
+        // BIND and UDP ASSOCIATE are served by the async mode only.
+        Err(Failure::CommandNotSupported)
+    };
+    let outcome = outcome.and_then(|target| {
         let bound = target
             .local_addr()
             .map_err(|err| Failure::from_connect_error(&err))?;
