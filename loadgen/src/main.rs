@@ -152,6 +152,11 @@ struct RunArgs {
     #[arg(long)]
     tag: Option<String>,
 
+    /// loadgen's own runtime threads [default: 1 for open loop, where one thread keeps up and
+    /// avoids cross-thread wake-ups; every core for closed loop].
+    #[arg(long)]
+    loadgen_threads: Option<usize>,
+
     /// Do not write a record (still prints the summary).
     #[arg(long)]
     no_record: bool,
@@ -357,8 +362,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         rate: args.rate,
         io_timeout: args.io_timeout,
     });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let loadgen_threads = args
+        .loadgen_threads
+        .unwrap_or(if args.rate.is_some() { 1 } else { cores })
+        .max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .worker_threads(loadgen_threads)
         .enable_all()
         .build()?;
     let (started_at, stamp) = record::utc_now();
@@ -661,6 +671,14 @@ fn build_record(
             source_addrs: plan.sources.iter().map(ToString::to_string).collect(),
             command: std::env::args().collect(),
             tag: args.tag.clone(),
+            loadgen_threads: args
+                .loadgen_threads
+                .unwrap_or(if args.rate.is_some() {
+                    1
+                } else {
+                    cores as usize
+                })
+                .max(1),
         },
         sessions: Sessions {
             requested: plan.conns,

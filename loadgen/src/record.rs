@@ -86,6 +86,9 @@ pub struct RunConfig {
     /// A name grouping the runs of one sweep (`--tag`).
     #[serde(default)]
     pub tag: Option<String>,
+    /// loadgen's own runtime threads.
+    #[serde(default)]
+    pub loadgen_threads: usize,
 }
 
 /// Percentiles of a latency histogram, microseconds.
