@@ -36,6 +36,23 @@ pub enum ReadUntil {
     WouldBlock,
 }
 
+/// A non-blocking std socket (the event loops' and the session threads' sockets).
+impl NonBlockingIo for &std::net::TcpStream {
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        io::Read::read(self, buf)
+    }
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        io::Write::write(self, buf)
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        match self.shutdown(std::net::Shutdown::Write) {
+            // The peer may already be gone; the other direction decides what happens next.
+            Err(err) if err.kind() == io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        }
+    }
+}
+
 /// What a pipe waits for after a `pump`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PipeState {

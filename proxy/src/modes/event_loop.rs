@@ -11,7 +11,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown as NetShutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
 use crate::limits::{self, BurstLog, ReserveDescriptor};
 use crate::modes::poller::{Event, Interest, Poller, Token};
-use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
+use crate::relay::{self, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
 use crate::reply::Failure;
 use crate::resolver::Resolver;
 use crate::shutdown::Shutdown;
@@ -68,26 +68,6 @@ fn untoken(token: Token) -> (usize, Side) {
         Side::Client
     };
     ((token >> 1) as usize, side)
-}
-
-/// A std socket driven through the relay's non-blocking interface.
-struct Nb<'a>(&'a TcpStream);
-
-impl NonBlockingIo for Nb<'_> {
-    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut stream = self.0;
-        stream.read(buf)
-    }
-    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut stream = self.0;
-        stream.write(buf)
-    }
-    fn shutdown_write(&mut self) -> io::Result<()> {
-        match self.0.shutdown(NetShutdown::Write) {
-            Err(err) if err.kind() == io::ErrorKind::NotConnected => Ok(()),
-            other => other,
-        }
-    }
 }
 
 /// A session from accept to close.
@@ -909,20 +889,14 @@ fn relay(session: &mut Session, ctx: &mut Context<'_>, wake: Wake) -> io::Result
     let until = ctx.read_until();
     let moved_before = relay.up.bytes() + relay.down.bytes();
     if wake.up {
-        relay.up.pump(
-            &mut Nb(&session.client),
-            &mut Nb(target),
-            &mut ctx.scratch,
-            until,
-        )?;
+        relay
+            .up
+            .pump(&mut &session.client, &mut &*target, &mut ctx.scratch, until)?;
     }
     if wake.down {
-        relay.down.pump(
-            &mut Nb(target),
-            &mut Nb(&session.client),
-            &mut ctx.scratch,
-            until,
-        )?;
+        relay
+            .down
+            .pump(&mut &*target, &mut &session.client, &mut ctx.scratch, until)?;
     }
     if ctx.config.idle_timeout.is_some() && relay.up.bytes() + relay.down.bytes() != moved_before {
         relay.last_activity = ctx.clock_ms();

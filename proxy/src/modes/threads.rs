@@ -17,7 +17,7 @@ use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 use crate::config::Config;
 use crate::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
 use crate::limits::{self, BurstLog, ReserveDescriptor};
-use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil};
+use crate::relay::{self, Pipe, PipeState, ReadUntil};
 use crate::reply::Failure;
 use crate::resolver::Resolver;
 use crate::session::{self, SessionError};
@@ -386,26 +386,6 @@ fn connect(
     Err(last)
 }
 
-/// A std socket seen through the relay's non-blocking interface.
-struct Nb<'a>(&'a TcpStream);
-
-impl NonBlockingIo for Nb<'_> {
-    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut stream = self.0;
-        stream.read(buf)
-    }
-    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut stream = self.0;
-        stream.write(buf)
-    }
-    fn shutdown_write(&mut self) -> io::Result<()> {
-        match self.0.shutdown(std::net::Shutdown::Write) {
-            Err(err) if err.kind() == io::ErrorKind::NotConnected => Ok(()),
-            other => other,
-        }
-    }
-}
-
 /// Relays with the shared pipes, sleeping in poll(2) on the two sockets between bursts.
 fn relay(
     client: &TcpStream,
@@ -422,15 +402,15 @@ fn relay(
         let mut scratch = vec![0u8; THREAD_SCRATCH];
         let states = up
             .pump(
-                &mut Nb(client),
-                &mut Nb(target),
+                &mut &*client,
+                &mut &*target,
                 &mut scratch,
                 ReadUntil::ShortRead,
             )
             .and_then(|up_state| {
                 let down_state = down.pump(
-                    &mut Nb(target),
-                    &mut Nb(client),
+                    &mut &*target,
+                    &mut &*client,
                     &mut scratch,
                     ReadUntil::ShortRead,
                 )?;
