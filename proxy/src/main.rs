@@ -102,6 +102,9 @@ struct Args {
     worker: bool,
 }
 
+/// Below this descriptor limit the proxy refuses to start rather than fail after its ready line.
+const MIN_DESCRIPTORS: u64 = 32;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(err) = init_logging(args.log_level.as_deref()) {
@@ -188,6 +191,14 @@ fn start(args: Args) -> anyhow::Result<()> {
     }
 
     let descriptors = limits::raise_nofile_limit().context("cannot raise RLIMIT_NOFILE")?;
+    if descriptors < MIN_DESCRIPTORS {
+        bail!(
+            "the descriptor limit is {descriptors}, too low to serve anything: the proxy needs \
+             about {} of its own plus 2 per session; raise it (`ulimit -n`, LimitNOFILE=) to at \
+             least {MIN_DESCRIPTORS}",
+            limits::BASELINE_DESCRIPTORS
+        );
+    }
     if args.workers > 1 && !args.worker {
         return supervise_workers(&args, &config, descriptors);
     }

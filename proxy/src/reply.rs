@@ -96,17 +96,8 @@ impl Failure {
 
     /// Classifies an error from creating or connecting the outgoing socket.
     pub fn from_connect_error(err: &io::Error) -> Self {
-        match err.raw_os_error() {
-            Some(code) if code == rustix::io::Errno::MFILE.raw_os_error() => {
-                return Failure::ResourceExhausted
-            }
-            Some(code) if code == rustix::io::Errno::NFILE.raw_os_error() => {
-                return Failure::ResourceExhausted
-            }
-            Some(code) if code == rustix::io::Errno::NOBUFS.raw_os_error() => {
-                return Failure::ResourceExhausted
-            }
-            _ => {}
+        if crate::limits::is_resource_exhaustion(err) {
+            return Failure::ResourceExhausted;
         }
         match err.kind() {
             io::ErrorKind::ConnectionRefused => Failure::ConnectionRefused,

@@ -226,3 +226,19 @@ fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
         );
     }
 }
+
+#[test]
+fn a_descriptor_limit_too_low_to_serve_is_refused_before_the_ready_line() {
+    let output = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 12 && exec \"$0\" --listen 127.0.0.1:0",
+            proxy_binary(),
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty(), "no ready line");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("descriptor limit is 12"), "{stderr}");
+}

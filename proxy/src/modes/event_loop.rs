@@ -136,6 +136,14 @@ struct Wake {
     down: bool,
 }
 
+impl Wake {
+    /// Both directions: after accept, a resolution, a timer, or a relay budget spent.
+    const BOTH: Wake = Wake {
+        up: true,
+        down: true,
+    };
+}
+
 /// Shared between the loops of one process.
 pub struct Shared {
     /// Sessions open across all loops (for `--max-sessions`).
@@ -339,10 +347,7 @@ impl<P: Poller> EventLoop<'_, P> {
             return;
         };
         let wake = match (side, &session.phase) {
-            (_, Phase::Negotiating(_)) => Wake {
-                up: true,
-                down: true,
-            },
+            (_, Phase::Negotiating(_)) => Wake::BOTH,
             (Side::Client, Phase::Relaying(_)) => Wake {
                 up: event.readable,
                 down: event.writable,
@@ -360,11 +365,7 @@ impl<P: Poller> EventLoop<'_, P> {
         let again = std::mem::take(&mut self.again);
         for (key, id) in again {
             if self.sessions.get(key).is_some_and(|s| s.id == id) {
-                let both = Wake {
-                    up: true,
-                    down: true,
-                };
-                self.drive(key, both, false);
+                self.drive(key, Wake::BOTH, false);
             }
         }
     }
@@ -544,14 +545,7 @@ impl<P: Poller> EventLoop<'_, P> {
         let session = &mut self.sessions[key];
         self.ctx.arm_timer(session, key, deadline);
         // The greeting often arrives with the connection: try it before waiting.
-        self.drive(
-            key,
-            Wake {
-                up: true,
-                down: true,
-            },
-            false,
-        );
+        self.drive(key, Wake::BOTH, false);
     }
 
     fn on_resolved(&mut self, key: usize, result: io::Result<Vec<SocketAddr>>) {
@@ -576,14 +570,7 @@ impl<P: Poller> EventLoop<'_, P> {
         if let Some(failure) = failure {
             fail_request(negotiation, failure);
         }
-        self.drive(
-            key,
-            Wake {
-                up: true,
-                down: true,
-            },
-            false,
-        );
+        self.drive(key, Wake::BOTH, false);
     }
 
     fn fire_timers(&mut self) {
@@ -618,14 +605,7 @@ impl<P: Poller> EventLoop<'_, P> {
                             let _ = self.poller.remove(target.as_fd());
                         }
                         session.target_interest = Interest::NONE;
-                        self.drive(
-                            key,
-                            Wake {
-                                up: true,
-                                down: true,
-                            },
-                            false,
-                        );
+                        self.drive(key, Wake::BOTH, false);
                     }
                     _ => {
                         tracing::debug!("handshake timed out");
@@ -721,14 +701,7 @@ fn negotiate(
                 } else {
                     session.timer_ticket = 0;
                 }
-                return relay(
-                    session,
-                    ctx,
-                    Wake {
-                        up: true,
-                        down: true,
-                    },
-                );
+                return relay(session, ctx, Wake::BOTH);
             }
             NegotiationStep::Resolving => return Ok(Outcome::Wait),
             NegotiationStep::Connecting { .. } => {
