@@ -2,8 +2,9 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
@@ -75,36 +76,65 @@ pub fn is_transient_accept_error(err: &io::Error) -> bool {
     })
 }
 
-/// One descriptor held back so that, when the process has run out, it can still accept a
-/// waiting connection and close it — refusing it cleanly instead of leaving it queued while
-/// the listener stays readable and the loop spins.
-#[derive(Debug)]
-pub struct ReserveDescriptor {
-    file: Option<File>,
+/// One descriptor per process held back so that, when the process has run out, it can still
+/// accept a waiting connection and close it: refusing it cleanly instead of leaving it queued
+/// until the client times out.
+///
+/// The reserve is briefly given up while refusing. Every descriptor a session creates is
+/// created through [`new_descriptor`], which holds the read side of this lock, so no other
+/// thread can take the freed number in that moment. (Without that, two event loops once left
+/// a process with no reserve and no free descriptor at all, and every newcomer waited queued.)
+static RESERVE: RwLock<Option<File>> = RwLock::new(None);
+
+fn reserve_read() -> RwLockReadGuard<'static, Option<File>> {
+    RESERVE.read().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl ReserveDescriptor {
-    /// Opens the reserve (on /dev/null).
-    pub fn new() -> Self {
-        ReserveDescriptor {
-            file: File::open("/dev/null").ok(),
+fn reserve_write() -> RwLockWriteGuard<'static, Option<File>> {
+    RESERVE.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Opens the process's reserve descriptor if it is not held; returns whether it is held now.
+pub fn replenish_reserve() -> bool {
+    let mut reserve = reserve_write();
+    if reserve.is_none() {
+        *reserve = File::open("/dev/null").ok();
+    }
+    reserve.is_some()
+}
+
+/// Runs `create`, which makes one new descriptor (a socket, an accept), such that it never
+/// takes the reserve's number while a refusal has given it up. A missing reserve (lost to a
+/// descriptor made elsewhere, e.g. by the resolver) is taken back first, before a session can
+/// use up the last free descriptors. `create` must not call back into this module.
+pub fn new_descriptor<T>(create: impl FnOnce() -> T) -> T {
+    {
+        let reserve = reserve_read();
+        if reserve.is_some() {
+            return create();
         }
     }
-
-    /// Frees the reserve, runs `refuse` (which accepts and drops one connection), and
-    /// takes the reserve back. Returns whether a connection was refused.
-    pub fn refuse_one(&mut self, refuse: impl FnOnce() -> bool) -> bool {
-        self.file = None;
-        let refused = refuse();
-        self.file = File::open("/dev/null").ok();
-        refused
-    }
+    replenish_reserve();
+    let _reserve = reserve_read();
+    create()
 }
 
-impl Default for ReserveDescriptor {
-    fn default() -> Self {
-        Self::new()
+/// Most connections refused in one go, so that a flood cannot hold a loop for long.
+const REFUSE_BATCH: usize = 256;
+
+/// Frees the reserve, accepts and closes the connections waiting on the non-blocking
+/// `listener` (at most a batch), and takes the reserve back. Returns how many were refused.
+/// Refusing all that wait, not one per back-off, is what keeps a queued client from waiting
+/// out its own timeout behind others.
+pub fn refuse_waiting(listener: impl AsFd) -> usize {
+    let mut reserve = reserve_write();
+    *reserve = None;
+    let mut refused = 0;
+    while refused < REFUSE_BATCH && rustix::net::accept(&listener).is_ok() {
+        refused += 1;
     }
+    *reserve = File::open("/dev/null").ok();
+    refused
 }
 
 /// Logs a recurring condition at most once per interval, with how often it happened since.

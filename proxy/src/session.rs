@@ -35,12 +35,14 @@ pub fn start_connect(addr: SocketAddr) -> Result<TcpStream, Failure> {
     } else {
         AddressFamily::INET6
     };
-    let socket = rustix::net::socket_with(
-        family,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )
+    let socket = crate::limits::new_descriptor(|| {
+        rustix::net::socket_with(
+            family,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )
+    })
     .map_err(|errno| Failure::from_connect_error(&errno.into()))?;
     match rustix::net::connect(&socket, &addr) {
         Ok(()) | Err(rustix::io::Errno::INPROGRESS) => Ok(TcpStream::from(socket)),

@@ -164,12 +164,43 @@ fn public_bind_without_auth_warns_loudly() {
     assert!(stderr.contains("WITHOUT AUTHENTICATION"), "{stderr}");
 }
 
+/// How the proxy answered one session attempt while out of descriptors.
+#[derive(Debug)]
+enum Attempt {
+    Established(std::net::TcpStream),
+    /// Reply 0x01: the outgoing socket could not be created.
+    RefusedWithReply,
+    /// Closed (EOF or reset) before a reply: refused at accept.
+    RefusedClosed,
+}
+
+/// One session attempt; a client left waiting (no answer within the I/O timeout) is an
+/// error, never a refusal.
+fn attempt_session(proxy: std::net::SocketAddr, target: &TargetAddr) -> Result<Attempt, String> {
+    match socks_connect(proxy, target, None) {
+        Ok((stream, ReplyCode::Succeeded, _)) => Ok(Attempt::Established(stream)),
+        Ok((_, ReplyCode::GeneralFailure, _)) => Ok(Attempt::RefusedWithReply),
+        Ok((_, code, _)) => Err(format!("unexpected reply {code:?}")),
+        Err(err)
+            if matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err("a client was left waiting instead of being refused".to_string())
+        }
+        Err(_) => Ok(Attempt::RefusedClosed),
+    }
+}
+
 /// With a soft and hard descriptor limit of 64, more sessions are opened than fit, in every
-/// mode: the established ones keep flowing, the rest are refused cleanly (EOF, or reply 0x01
-/// when the outgoing socket could not be created), and new sessions work once old ones close.
+/// mode, one after another and then 30 at once: the established ones keep flowing, every other
+/// client is refused promptly and cleanly (EOF, or reply 0x01 when the outgoing socket could
+/// not be created) rather than left queued, and new sessions work once old ones close.
 #[test]
 fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
     let echo = Target::echo("127.0.0.1:0");
+    let target = TargetAddr::Ip(echo.addr);
     for mode in all_modes() {
         let mut command = Command::new("sh");
         command.args([
@@ -179,15 +210,27 @@ fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
             mode.name(),
         ]);
         let mut proxy = ProxyProcess::spawn(command);
-        let target = TargetAddr::Ip(echo.addr);
-        let mut established = Vec::new();
-        let (mut refused_eof, mut refused_0x01) = (0, 0);
+        let mut outcomes = Vec::new();
         for _ in 0..60 {
-            match socks_connect(proxy.addr, &target, None) {
-                Ok((stream, ReplyCode::Succeeded, _)) => established.push(stream),
-                Ok((_, ReplyCode::GeneralFailure, _)) => refused_0x01 += 1,
-                Ok((_, code, _)) => panic!("{mode}: unexpected reply {code:?}"),
-                Err(_) => refused_eof += 1,
+            outcomes.push(attempt_session(proxy.addr, &target));
+        }
+        let concurrent: Vec<_> = (0..30)
+            .map(|_| {
+                let (addr, target) = (proxy.addr, target.clone());
+                std::thread::spawn(move || attempt_session(addr, &target))
+            })
+            .collect();
+        outcomes.extend(
+            concurrent
+                .into_iter()
+                .map(|t| t.join().expect("client thread")),
+        );
+        let mut established = Vec::new();
+        let mut refused = 0;
+        for outcome in outcomes {
+            match outcome.unwrap_or_else(|err| panic!("{mode}: {err}")) {
+                Attempt::Established(stream) => established.push(stream),
+                Attempt::RefusedWithReply | Attempt::RefusedClosed => refused += 1,
             }
         }
         let count = established.len();
@@ -195,7 +238,7 @@ fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
             (10..60).contains(&count),
             "{mode}: {count} sessions established"
         );
-        assert!(refused_eof + refused_0x01 > 0);
+        assert!(refused >= 30, "{mode}: only {refused} refused");
         assert!(
             proxy.child.try_wait().expect("try_wait").is_none(),
             "{mode}: proxy died"
@@ -203,7 +246,8 @@ fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
         for (i, stream) in established.iter_mut().enumerate() {
             let message = format!("session {i} still flows");
             stream.write_all(message.as_bytes()).expect("write");
-            let echoed = read_exact(stream, message.len()).expect("echo");
+            let echoed = read_exact(stream, message.len())
+                .unwrap_or_else(|err| panic!("{mode}: session {i} of {count}: {err}"));
             assert_eq!(echoed, message.as_bytes(), "{mode}");
         }
         established.truncate(count / 2);

@@ -11,6 +11,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::config::Config;
 use crate::handshake::{Handshake, Request, TargetAddr};
+use crate::limits;
 use crate::reply::Failure;
 use crate::udp::{encode_datagram, parse_datagram};
 
@@ -81,7 +82,7 @@ pub async fn bind(
         }
     }
     let local_ip = client.local_addr().ok()?.ip();
-    let listener = match TcpListener::bind((local_ip, 0)).await {
+    let listener = match tcp_listener((local_ip, 0).into()) {
         Ok(listener) => listener,
         Err(err) => {
             fail(
@@ -152,7 +153,7 @@ pub async fn udp_associate(
     let Ok(local) = client.local_addr() else {
         return;
     };
-    let relay = match UdpSocket::bind((local.ip(), 0)).await {
+    let relay = match udp_socket((local.ip(), 0).into()) {
         Ok(socket) => socket,
         Err(err) => {
             fail(
@@ -231,7 +232,7 @@ pub async fn udp_associate(
                     } else {
                         (Ipv6Addr::UNSPECIFIED, 0).into()
                     };
-                    match UdpSocket::bind(any).await {
+                    match udp_socket(any) {
                         Ok(socket) => *outbound = Some(socket),
                         Err(_) => {
                             dropped += 1;
@@ -293,4 +294,18 @@ async fn relay_back(
     if relay.send_to(wrapped, client).await.is_ok() {
         *relayed += 1;
     }
+}
+
+/// A listening socket for BIND, made through the descriptor gate.
+fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = limits::new_descriptor(|| std::net::TcpListener::bind(addr))?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// A UDP socket for UDP ASSOCIATE, made through the descriptor gate.
+fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = limits::new_descriptor(|| std::net::UdpSocket::bind(addr))?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
 }

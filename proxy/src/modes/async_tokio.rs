@@ -16,13 +16,13 @@ use std::time::Duration;
 use std::pin::Pin;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::config::{Acl, Config};
 use crate::handshake::{Command, Handshake, Request, Step, TargetAddr, MAX_MESSAGE_LEN};
-use crate::limits::{self, BurstLog, ReserveDescriptor};
+use crate::limits::{self, BurstLog};
 use crate::modes::async_commands;
 use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
 use crate::reply::Failure;
@@ -64,7 +64,6 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> io::Result<()> {
     let mut sessions = JoinSet::new();
-    let mut reserve = ReserveDescriptor::new();
     loop {
         tokio::select! {
             _ = shutdown.wait() => break,
@@ -83,8 +82,11 @@ pub async fn serve(
                     sessions.spawn(session(stream, peer, config.clone()));
                 }
                 Err(err) if limits::is_resource_exhaustion(&err) => {
-                    ACCEPT_EXHAUSTED.hit(&format_args!("{err}; {} sessions open", sessions.len()));
-                    reserve.refuse_one(|| rustix::net::accept(&listener).is_ok());
+                    let refused = limits::refuse_waiting(&listener);
+                    ACCEPT_EXHAUSTED.hit(&format_args!(
+                        "{err}; {} sessions open; refused {refused} waiting",
+                        sessions.len()
+                    ));
                     tokio::select! {
                         _ = shutdown.wait() => break,
                         Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
@@ -259,7 +261,15 @@ async fn connect_first(
         if !acl.dest_allowed(addr.ip()) {
             continue;
         }
-        match timeout_at(deadline, TcpStream::connect(addr)).await {
+        let socket = limits::new_descriptor(|| {
+            if addr.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+        });
+        let attempt = async move { socket?.connect(addr).await };
+        match timeout_at(deadline, attempt).await {
             Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(err)) => {
                 last = Failure::from_connect_error(&err);

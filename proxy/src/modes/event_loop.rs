@@ -23,7 +23,7 @@ use slab::Slab;
 
 use crate::config::Config;
 use crate::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
-use crate::limits::{self, BurstLog, ReserveDescriptor};
+use crate::limits::{self, BurstLog};
 use crate::modes::poller::{Event, Interest, Poller, Token};
 use crate::relay::{self, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
 use crate::reply::Failure;
@@ -199,12 +199,11 @@ pub fn run<P: Poller>(
     config: &Config,
     shutdown: &Shutdown,
     shared: &Shared,
-    add_listener: impl FnOnce(&mut P, &TcpListener) -> io::Result<()>,
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let waker = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
     poller.set_interest(waker.as_fd(), WAKER, Interest::READ)?;
-    add_listener(&mut poller, &listener)?;
+    poller.watch_listener(listener.as_fd(), LISTENER, true)?;
     {
         let waker = waker.clone();
         shutdown.on_trigger(move || wake(&waker));
@@ -218,7 +217,6 @@ pub fn run<P: Poller>(
         sessions: Slab::new(),
         next_id: 0,
         again: Vec::new(),
-        reserve: ReserveDescriptor::new(),
         resolved_rx,
         shared,
         ctx: Context {
@@ -245,7 +243,6 @@ struct EventLoop<'a, P: Poller> {
     sessions: Slab<Session>,
     next_id: u32,
     again: Vec<(usize, u32)>,
-    reserve: ReserveDescriptor,
     resolved_rx: Receiver<(usize, u32, io::Result<Vec<SocketAddr>>)>,
     shared: &'a Shared,
     ctx: Context<'a>,
@@ -450,19 +447,18 @@ impl<P: Poller> EventLoop<'_, P> {
             let Some(listener) = &self.listener else {
                 return;
             };
-            match listener.accept() {
+            match limits::new_descriptor(|| listener.accept()) {
                 Ok((stream, peer)) => self.on_accepted(stream, peer),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     self.accept_pending = false;
                     return;
                 }
                 Err(err) if limits::is_resource_exhaustion(&err) => {
+                    let refused = limits::refuse_waiting(listener);
                     ACCEPT_EXHAUSTED.hit(&format_args!(
-                        "{err}; {} sessions open",
+                        "{err}; {} sessions open; refused {refused} waiting",
                         self.sessions.len()
                     ));
-                    self.reserve
-                        .refuse_one(|| rustix::net::accept(listener).is_ok());
                     self.pause_accepting();
                     return;
                 }
@@ -484,7 +480,7 @@ impl<P: Poller> EventLoop<'_, P> {
             // Level-triggered pollers would report the waiting connection again and again.
             let _ = self
                 .poller
-                .set_interest(listener.as_fd(), LISTENER, Interest::NONE);
+                .watch_listener(listener.as_fd(), LISTENER, false);
         }
     }
 
@@ -492,9 +488,7 @@ impl<P: Poller> EventLoop<'_, P> {
         self.accept_paused_until = None;
         self.accept_pending = true;
         if let Some(listener) = &self.listener {
-            let _ = self
-                .poller
-                .set_interest(listener.as_fd(), LISTENER, Interest::READ);
+            let _ = self.poller.watch_listener(listener.as_fd(), LISTENER, true);
         }
     }
 

@@ -11,7 +11,6 @@
 
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::AsFd;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
@@ -24,7 +23,7 @@ pub mod event_loop;
 pub mod poller;
 pub mod threads;
 
-use poller::{EpollPoller, Interest, PollPoller, Poller, SelectPoller};
+use poller::{EpollPoller, PollPoller, Poller, SelectPoller};
 
 /// A concurrency model for the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -89,6 +88,8 @@ pub fn run(
         .threads
         .unwrap_or_else(|| mode.default_threads())
         .max(1);
+    // Held from the start, so that even the first connection past the limit is refused cleanly.
+    crate::limits::replenish_reserve();
     match mode {
         Mode::Async => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -118,23 +119,8 @@ pub fn run(
     }
 }
 
-/// A poller that knows how to add the (possibly shared) listener.
-trait ListenerPoller: Poller + Sized {
-    fn add_listener(&mut self, listener: &TcpListener) -> io::Result<()> {
-        self.set_interest(listener.as_fd(), event_loop::LISTENER, Interest::READ)
-    }
-}
-
-impl ListenerPoller for SelectPoller {}
-impl ListenerPoller for PollPoller {}
-impl ListenerPoller for EpollPoller {
-    fn add_listener(&mut self, listener: &TcpListener) -> io::Result<()> {
-        EpollPoller::add_listener(self, listener.as_fd(), event_loop::LISTENER)
-    }
-}
-
 /// Runs `threads` event loops sharing the listener; the first to fail stops the others.
-fn run_loops<P: ListenerPoller>(
+fn run_loops<P: Poller>(
     listener: TcpListener,
     config: &Config,
     shutdown: &Shutdown,
@@ -145,11 +131,8 @@ fn run_loops<P: ListenerPoller>(
         sessions: AtomicUsize::new(0),
     };
     let run_one = |listener: TcpListener| {
-        let result = make_poller().and_then(|poller| {
-            event_loop::run(poller, listener, config, shutdown, &shared, |p, l| {
-                p.add_listener(l)
-            })
-        });
+        let result = make_poller()
+            .and_then(|poller| event_loop::run(poller, listener, config, shutdown, &shared));
         if let Err(err) = &result {
             tracing::error!("event loop failed: {err}");
             shutdown.trigger();

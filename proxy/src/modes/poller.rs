@@ -69,6 +69,21 @@ pub trait Poller {
         false
     }
 
+    /// Starts (`watching`) or stops watching the listening socket for connections.
+    fn watch_listener(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        token: Token,
+        watching: bool,
+    ) -> io::Result<()> {
+        let interest = if watching {
+            Interest::READ
+        } else {
+            Interest::NONE
+        };
+        self.set_interest(fd, token, interest)
+    }
+
     /// Sets what `fd` is watched for; `Interest::NONE` stops watching it (but it stays known).
     fn set_interest(
         &mut self,
@@ -329,18 +344,6 @@ impl EpollPoller {
         })
     }
 
-    /// Adds the listener. With several loops sharing one listening socket, EPOLLEXCLUSIVE
-    /// wakes one of them per connection instead of all (the thundering herd).
-    pub fn add_listener(&mut self, fd: BorrowedFd<'_>, token: Token) -> io::Result<()> {
-        let mut flags = epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE;
-        if self.edge {
-            flags |= epoll::EventFlags::ET;
-        }
-        epoll::add(&self.epoll, fd, epoll::EventData::new_u64(token), flags)?;
-        self.mark(fd, true);
-        Ok(())
-    }
-
     fn mark(&mut self, fd: BorrowedFd<'_>, registered: bool) {
         let index = fd_index(fd);
         if self.registered.len() <= index {
@@ -357,6 +360,34 @@ impl EpollPoller {
 impl Poller for EpollPoller {
     fn edge_triggered(&self) -> bool {
         self.edge
+    }
+
+    /// With several loops sharing one listening socket, EPOLLEXCLUSIVE wakes one of them per
+    /// connection instead of all (the thundering herd). The flag is only accepted when adding,
+    /// so level-triggered pausing deletes and re-adds; edge-triggered never pauses the
+    /// registration (no new edge arrives while nobody accepts, so there is nothing to mute).
+    fn watch_listener(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        token: Token,
+        watching: bool,
+    ) -> io::Result<()> {
+        match (watching, self.is_registered(fd)) {
+            (true, false) => {
+                let mut flags = epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE;
+                if self.edge {
+                    flags |= epoll::EventFlags::ET;
+                }
+                epoll::add(&self.epoll, fd, epoll::EventData::new_u64(token), flags)?;
+                self.mark(fd, true);
+            }
+            (false, true) if !self.edge => {
+                epoll::delete(&self.epoll, fd)?;
+                self.mark(fd, false);
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn set_interest(

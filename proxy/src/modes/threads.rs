@@ -16,7 +16,7 @@ use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
 use crate::config::Config;
 use crate::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
-use crate::limits::{self, BurstLog, ReserveDescriptor};
+use crate::limits::{self, BurstLog};
 use crate::relay::{self, Pipe, PipeState, ReadUntil};
 use crate::reply::Failure;
 use crate::resolver::Resolver;
@@ -96,7 +96,6 @@ pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io
         });
     }
     let live = Arc::new(LiveSessions::default());
-    let mut reserve = ReserveDescriptor::new();
     let mut paused = false;
     while !shutdown.is_triggered() {
         let mut fds = [
@@ -117,7 +116,7 @@ pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io
         }
         paused = false;
         loop {
-            match listener.accept() {
+            match limits::new_descriptor(|| listener.accept()) {
                 Ok((client, peer)) => {
                     if !spawn_session(client, peer, &config, &live, &stop_sessions, stack_size) {
                         paused = true;
@@ -126,8 +125,11 @@ pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) if limits::is_resource_exhaustion(&err) => {
-                    ACCEPT_EXHAUSTED.hit(&format_args!("{err}; {} sessions open", live.count()));
-                    reserve.refuse_one(|| rustix::net::accept(&listener).is_ok());
+                    let refused = limits::refuse_waiting(&listener);
+                    ACCEPT_EXHAUSTED.hit(&format_args!(
+                        "{err}; {} sessions open; refused {refused} waiting",
+                        live.count()
+                    ));
                     paused = true;
                     break;
                 }
