@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown as NetShutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown as NetShutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -269,29 +269,6 @@ fn refused_target_gets_0x05() {
             socks_connect(server.addr, &TargetAddr::Ip(port), None).expect("handshake");
         assert_eq!(code, ReplyCode::ConnectionRefused, "{mode}");
     }
-}
-
-/// A loopback listener whose accept queue is full, so further SYNs are dropped: a connect to
-/// it neither succeeds nor fails until it times out. Returns the address and the connections
-/// that fill the queue (keep them alive).
-fn black_hole() -> (SocketAddr, Vec<TcpStream>) {
-    use rustix::net::{bind, listen, socket, AddressFamily, SocketType};
-    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
-    bind(&fd, &"127.0.0.1:0".parse::<SocketAddr>().expect("addr")).expect("bind");
-    listen(&fd, 0).expect("listen");
-    let listener = TcpListener::from(fd);
-    let addr = listener.local_addr().expect("addr");
-    let mut fillers = Vec::new();
-    for _ in 0..16 {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
-            Ok(stream) => fillers.push(stream),
-            Err(_) => {
-                std::mem::forget(listener);
-                return (addr, fillers);
-            }
-        }
-    }
-    panic!("could not fill the accept queue of a backlog-0 listener");
 }
 
 #[test]

@@ -4,12 +4,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use proxy::handshake::TargetAddr;
+use proxy::reply::ReplyCode;
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -219,4 +221,201 @@ fn proxy_alive(proxy: &ProxyProcess) -> bool {
                 .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
         })
         .unwrap_or(false)
+}
+
+/// Misbehaving clients and targets, one after another against one proxy per mode: stalled
+/// handshakes, garbage, a refused and an unanswered connect, a client and a target that reset
+/// mid-stream, and a client that half-closes to a target that never does (the idle timeout
+/// ends it). Each ends promptly with the right reply or a close; afterwards the proxy is
+/// alive, a normal session is byte-exact, and no session socket is left open (no leak).
+#[test]
+fn misbehaving_peers_are_ended_and_leave_no_socket_behind() {
+    let echo = Target::echo("127.0.0.1:0");
+    let resetting = Target::spawn("127.0.0.1:0", |mut stream| {
+        let _ = read_exact(&mut stream, 5);
+        reset(stream);
+    });
+    // Reads to the end of the client's data, then keeps its side open: a half-open session.
+    let holding = Target::spawn("127.0.0.1:0", |mut stream| {
+        let _ = read_to_end(&mut stream);
+        std::thread::sleep(IO_TIMEOUT);
+    });
+    let refused = closed_port();
+    let (hole, _fillers) = black_hole();
+    for mode in all_modes() {
+        let proxy = ProxyProcess::start(&[
+            "--mode",
+            mode.name(),
+            "--handshake-timeout",
+            "1s",
+            "--connect-timeout",
+            "1s",
+            "--idle-timeout",
+            "2s",
+            "--log-level",
+            "error",
+        ]);
+        let pid = proxy.child.id();
+
+        // Stalled handshakes: one byte of greeting, or a greeting and half a request.
+        let mut stalled = Vec::new();
+        for i in 0..10 {
+            let mut stream = connect(proxy.addr);
+            if i % 2 == 0 {
+                stream.write_all(&[5]).expect("write");
+            } else {
+                stream
+                    .write_all(&[5, 1, 0, 5, 1, 0, 1, 127])
+                    .expect("write");
+                assert_eq!(read_exact(&mut stream, 2).expect("method"), [5, 0]);
+            }
+            stalled.push(stream);
+        }
+        for mut stream in stalled {
+            assert!(ends_with_close(&mut stream), "{mode}: stalled handshake");
+        }
+
+        // Garbage: HTTP, SOCKS4 and random bytes.
+        for seed in 0..20 {
+            let mut stream = connect(proxy.addr);
+            let mut bytes = pattern(seed, 300);
+            bytes[0] = [b'G', 4, 0][seed as usize % 3];
+            let _ = stream.write_all(&bytes);
+            assert!(ends_with_close(&mut stream), "{mode}: garbage");
+        }
+
+        // A refused and an unanswered connect.
+        let (_, code, _) =
+            socks_connect(proxy.addr, &TargetAddr::Ip(refused), None).expect("handshake");
+        assert_eq!(code, ReplyCode::ConnectionRefused, "{mode}");
+        let (_, code, _) =
+            socks_connect(proxy.addr, &TargetAddr::Ip(hole), None).expect("handshake");
+        assert_eq!(code, ReplyCode::TtlExpired, "{mode}");
+
+        // A client that resets mid-stream.
+        let mut stream = open_session(proxy.addr, echo.addr);
+        let data = pattern(7, 64 * 1024);
+        stream.write_all(&data).expect("write");
+        read_exact(&mut stream, 1000).expect("echo");
+        reset(stream);
+
+        // A target that resets mid-stream: the client sees the session end.
+        let mut stream = open_session(proxy.addr, resetting.addr);
+        stream.write_all(b"hello, then reset").expect("write");
+        assert!(ends_with_close(&mut stream), "{mode}: target reset");
+
+        // Half-open: the client's FIN is passed on, the target never sends its own; the idle
+        // timeout ends the session.
+        let mut stream = open_session(proxy.addr, holding.addr);
+        stream.write_all(b"only this").expect("write");
+        stream.shutdown(Shutdown::Write).expect("shutdown");
+        assert!(ends_with_close(&mut stream), "{mode}: half-open session");
+
+        assert!(proxy_alive(&proxy), "{mode}: proxy died");
+        let mut normal = open_session(proxy.addr, echo.addr);
+        let data = pattern(11, 256 * 1024);
+        normal.write_all(&data).expect("write");
+        assert!(
+            read_exact(&mut normal, data.len()).expect("echo") == data,
+            "{mode}: bytes altered"
+        );
+        drop(normal);
+        assert_eq!(
+            wait_for_no_session_sockets(pid),
+            0,
+            "{mode}: session sockets left open"
+        );
+    }
+}
+
+/// A target that never reads while the client keeps writing: backpressure stops the client
+/// (its writes stall) long before 64 MiB, and the proxy's memory does not grow.
+#[test]
+fn a_target_that_never_reads_does_not_grow_the_proxy() {
+    const CAP: usize = 64 << 20;
+    let sink = Target::spawn("127.0.0.1:0", |_stream| std::thread::sleep(IO_TIMEOUT));
+    for mode in all_modes() {
+        let proxy = ProxyProcess::start(&["--mode", mode.name(), "--log-level", "warn"]);
+        let pid = proxy.child.id();
+        let mut stream = open_session(proxy.addr, sink.addr);
+        stream
+            .set_write_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        let before = rss_kib(pid);
+        let block = vec![0x5au8; 64 * 1024];
+        let mut written = 0;
+        while written < CAP {
+            match stream.write(&block) {
+                Ok(n) => written += n,
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(err) => panic!("{mode}: write failed: {err}"),
+            }
+        }
+        assert!(
+            written < CAP,
+            "{mode}: 64 MiB accepted for a target that never reads"
+        );
+        let growth = rss_kib(pid).saturating_sub(before);
+        assert!(
+            growth < 2048,
+            "{mode}: proxy RSS grew {growth} KiB while the target did not read"
+        );
+        assert!(proxy_alive(&proxy), "{mode}: proxy died");
+    }
+}
+
+/// SIGTERM with 1,000 sessions open (400 under select's wall): the listener closes, every
+/// session keeps flowing through the grace period, and once they end the proxy exits 0.
+#[test]
+fn sigterm_drains_a_thousand_sessions_and_exits_0() {
+    use rustix::process::Signal;
+    let echo = Target::echo("127.0.0.1:0");
+    for mode in all_modes() {
+        let count = if mode.name() == "select" { 400 } else { 1000 };
+        let mut proxy = ProxyProcess::start(&[
+            "--mode",
+            mode.name(),
+            "--grace",
+            "60s",
+            "--log-level",
+            "warn",
+        ]);
+        let mut sessions: Vec<TcpStream> = (0..count)
+            .map(|_| open_session(proxy.addr, echo.addr))
+            .collect();
+        proxy.signal(Signal::TERM);
+        // Draining: the proxy stops accepting, so a newcomer is never served.
+        let mut newcomer_refused = false;
+        for _ in 0..500 {
+            match TcpStream::connect(proxy.addr) {
+                Err(_) => {
+                    newcomer_refused = true;
+                    break;
+                }
+                Ok(stream) => drop(stream),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(newcomer_refused, "{mode}: still accepting after SIGTERM");
+        for (i, stream) in sessions.iter_mut().enumerate() {
+            let message = format!("session {i} drains");
+            stream.write_all(message.as_bytes()).expect("write");
+            assert_eq!(
+                read_exact(stream, message.len()).expect("echo"),
+                message.as_bytes(),
+                "{mode}"
+            );
+        }
+        assert!(proxy_alive(&proxy), "{mode}: exited with sessions open");
+        sessions.clear();
+        let status = proxy.wait();
+        assert_eq!(status.code(), Some(0), "{mode}: {status}");
+    }
 }

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
@@ -70,22 +69,6 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// The socket inodes a process holds.
-fn socket_inodes(pid: u32) -> HashSet<u64> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return HashSet::new();
-    };
-    dir.filter_map(|entry| {
-        let link = std::fs::read_link(entry.ok()?.path()).ok()?;
-        let link = link.to_str()?;
-        link.strip_prefix("socket:[")?
-            .strip_suffix(']')?
-            .parse()
-            .ok()
-    })
-    .collect()
-}
-
 /// The inode of the IPv4 TCP socket with local port `port` connected to `remote`, from
 /// /proc/net/tcp (a local port alone is ambiguous: the kernel reuses ephemeral ports for
 /// different destinations).
@@ -109,83 +92,104 @@ fn inode_of(port: u16, remote: std::net::SocketAddr) -> Option<u64> {
     })
 }
 
+/// In every mode: two workers share the port, SIGKILL on one leaves the other's sessions
+/// untouched, the parent starts a replacement, and SIGTERM ends everything with exit 0.
 #[test]
 fn workers_share_the_port_and_a_dead_worker_is_replaced() {
     let echo = Target::echo("127.0.0.1:0");
-    let mut proxy = ProxyProcess::start(&["--workers", "2", "--mode", "epoll", "--threads", "1"]);
-    let parent = proxy.child.id();
-    let workers = children(parent);
-    assert_eq!(workers.len(), 2, "{workers:?}");
+    for mode in all_modes() {
+        let mut proxy = ProxyProcess::start(&[
+            "--workers",
+            "2",
+            "--mode",
+            mode.name(),
+            "--threads",
+            "1",
+            "--log-level",
+            "warn",
+        ]);
+        let parent = proxy.child.id();
+        let workers = children(parent);
+        assert_eq!(workers.len(), 2, "{mode}: {workers:?}");
 
-    // Open sessions and find which worker holds each (by its outgoing socket's inode).
-    let mut sessions: Vec<(TcpStream, u32)> = Vec::new();
-    for _ in 0..40 {
-        let (stream, code, bound) =
-            socks_connect(proxy.addr, &TargetAddr::Ip(echo.addr), None).expect("handshake");
-        assert_eq!(code, ReplyCode::Succeeded);
-        let TargetAddr::Ip(bound) = bound else {
-            panic!("bound is not an IP")
-        };
-        let inode = inode_of(bound.port(), echo.addr).expect("outgoing socket in /proc/net/tcp");
-        let owner = workers
-            .iter()
-            .copied()
-            .find(|&pid| socket_inodes(pid).contains(&inode))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no worker holds inode {inode} (port {}): {:?}",
-                    bound.port(),
-                    workers
-                        .iter()
-                        .map(|&p| socket_inodes(p))
-                        .collect::<Vec<_>>()
-                )
-            });
-        sessions.push((stream, owner));
-    }
-    let victim = workers[0];
-    let survivor = workers[1];
-    let on_victim = sessions.iter().filter(|(_, pid)| *pid == victim).count();
-    assert!(
-        on_victim > 0 && on_victim < 40,
-        "sessions on both workers ({on_victim} of 40 on one)"
-    );
+        // Open sessions and find which worker holds each (by its outgoing socket's inode).
+        let mut sessions: Vec<(TcpStream, u32)> = Vec::new();
+        for _ in 0..40 {
+            let (stream, code, bound) =
+                socks_connect(proxy.addr, &TargetAddr::Ip(echo.addr), None).expect("handshake");
+            assert_eq!(code, ReplyCode::Succeeded);
+            let TargetAddr::Ip(bound) = bound else {
+                panic!("bound is not an IP")
+            };
+            let inode =
+                inode_of(bound.port(), echo.addr).expect("outgoing socket in /proc/net/tcp");
+            let owner = workers
+                .iter()
+                .copied()
+                .find(|&pid| socket_inodes(pid).contains(&inode))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "no worker holds inode {inode} (port {}): {:?}",
+                        bound.port(),
+                        workers
+                            .iter()
+                            .map(|&p| socket_inodes(p))
+                            .collect::<Vec<_>>()
+                    )
+                });
+            sessions.push((stream, owner));
+        }
+        let victim = workers[0];
+        let survivor = workers[1];
+        let on_victim = sessions.iter().filter(|(_, pid)| *pid == victim).count();
+        assert!(
+            on_victim > 0 && on_victim < 40,
+            "{mode}: sessions on both workers ({on_victim} of 40 on one)"
+        );
 
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(victim as i32).expect("pid"),
-        Signal::KILL,
-    )
-    .expect("kill worker");
-    for (stream, pid) in sessions.iter_mut() {
-        if *pid == survivor {
-            assert!(
-                echo_check(stream, b"untouched"),
-                "survivor's session broken"
-            );
-        } else {
-            assert!(closed_without_data(stream), "victim's session still open");
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(victim as i32).expect("pid"),
+            Signal::KILL,
+        )
+        .expect("kill worker");
+        for (stream, pid) in sessions.iter_mut() {
+            if *pid == survivor {
+                assert!(
+                    echo_check(stream, b"untouched"),
+                    "{mode}: survivor's session broken"
+                );
+            } else {
+                assert!(
+                    closed_without_data(stream),
+                    "{mode}: victim's session still open"
+                );
+            }
         }
-    }
-    // The parent starts a replacement.
-    let mut replaced = false;
-    for _ in 0..500 {
-        let now = children(parent);
-        if now.len() == 2 && now.contains(&survivor) && !now.contains(&victim) {
-            replaced = true;
-            break;
+        // The parent starts a replacement.
+        let mut replaced = false;
+        for _ in 0..500 {
+            let now = children(parent);
+            if now.len() == 2 && now.contains(&survivor) && !now.contains(&victim) {
+                replaced = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        assert!(
+            replaced,
+            "{mode}: no replacement worker: {:?}",
+            children(parent)
+        );
+        for _ in 0..10 {
+            let mut stream = open_session(proxy.addr, echo.addr);
+            assert!(echo_check(&mut stream, b"after the replacement"));
+        }
+        drop(sessions);
+        proxy.signal(Signal::TERM);
+        let status = proxy.wait();
+        assert_eq!(status.code(), Some(0), "{mode}: {status}");
+        assert!(children(parent).is_empty());
     }
-    assert!(replaced, "no replacement worker: {:?}", children(parent));
-    for _ in 0..10 {
-        let mut stream = open_session(proxy.addr, echo.addr);
-        assert!(echo_check(&mut stream, b"after the replacement"));
-    }
-    drop(sessions);
-    proxy.signal(Signal::TERM);
-    let status = proxy.wait();
-    assert_eq!(status.code(), Some(0), "{status}");
-    assert!(children(parent).is_empty());
 }
 
 #[test]

@@ -322,3 +322,107 @@ impl Drop for ProxyProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The socket inodes a process holds.
+pub fn socket_inodes(pid: u32) -> std::collections::HashSet<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Default::default();
+    };
+    dir.filter_map(|entry| {
+        let link = std::fs::read_link(entry.ok()?.path()).ok()?;
+        let link = link.to_str()?;
+        link.strip_prefix("socket:[")?
+            .strip_suffix(']')?
+            .parse()
+            .ok()
+    })
+    .collect()
+}
+
+/// The inodes of every TCP socket on the machine that is not listening (connected,
+/// connecting or closing).
+fn tcp_connection_inodes() -> std::collections::HashSet<u64> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    // State 0A is LISTEN.
+                    (*fields.get(3)? != "0A").then(|| fields.get(9)?.parse().ok())?
+                })
+                .collect::<Vec<u64>>()
+        })
+        .collect()
+}
+
+/// How many TCP connections a process holds (its sessions' sockets; not its listeners, nor
+/// the Unix sockets a runtime keeps for signals).
+pub fn session_sockets(pid: u32) -> usize {
+    let connections = tcp_connection_inodes();
+    socket_inodes(pid)
+        .iter()
+        .filter(|inode| connections.contains(inode))
+        .count()
+}
+
+/// Waits (bounded, 20 s) until a process holds no session socket; returns how many remain.
+pub fn wait_for_no_session_sockets(pid: u32) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let open = session_sockets(pid);
+        if open == 0 || std::time::Instant::now() >= deadline {
+            return open;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a read ended because the peer closed (EOF or reset), as opposed to timing out.
+pub fn ends_with_close(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(err) => {
+                return matches!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                )
+            }
+        }
+    }
+}
+
+/// Closes a socket with a reset (SO_LINGER 0) instead of a FIN.
+pub fn reset(stream: TcpStream) {
+    rustix::net::sockopt::set_socket_linger(&stream, Some(Duration::ZERO)).expect("linger");
+    drop(stream);
+}
+
+/// A loopback listener whose accept queue is full, so further SYNs are dropped: a connect to
+/// it neither succeeds nor fails until it times out. Returns the address and the connections
+/// that fill the queue (keep them alive).
+pub fn black_hole() -> (SocketAddr, Vec<TcpStream>) {
+    use rustix::net::{bind, listen, socket, AddressFamily, SocketType};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
+    bind(&fd, &"127.0.0.1:0".parse::<SocketAddr>().expect("addr")).expect("bind");
+    listen(&fd, 0).expect("listen");
+    let listener = TcpListener::from(fd);
+    let addr = listener.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..16 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(stream) => fillers.push(stream),
+            Err(_) => {
+                std::mem::forget(listener);
+                return (addr, fillers);
+            }
+        }
+    }
+    panic!("could not fill the accept queue of a backlog-0 listener");
+}
