@@ -13,13 +13,18 @@ use common::*;
 use proxy::handshake::TargetAddr;
 use proxy::reply::ReplyCode;
 
-fn rss_kib(pid: u32) -> u64 {
+/// A size field (in KiB) of /proc/<pid>/status, such as "VmRSS" or "VmSize"; 0 if unreadable.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
 }
 
 /// A client that never reads while the target pushes 100 MiB: backpressure holds the proxy's
@@ -418,4 +423,80 @@ fn sigterm_drains_a_thousand_sessions_and_exits_0() {
         let status = proxy.wait();
         assert_eq!(status.code(), Some(0), "{mode}: {status}");
     }
+}
+
+/// threads mode when no more threads can be started (an address-space limit that fits about
+/// 20 session stacks of 1 MiB): sessions beyond it are refused by closing, the established
+/// ones keep flowing, the proxy lives on, and new sessions are served once others end.
+#[test]
+fn thread_exhaustion_in_threads_mode_refuses_cleanly_and_recovers() {
+    let echo = Target::echo("127.0.0.1:0");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        "threads",
+        "--stack-size",
+        "1048576",
+        "--log-level",
+        "error",
+    ];
+    let idle = {
+        let probe = ProxyProcess::start(&args[2..]);
+        status_kib(probe.child.id(), "VmSize")
+    };
+    assert!(idle > 0, "VmSize of an idle proxy");
+    let mut command = std::process::Command::new("bash");
+    command
+        .args([
+            "-c",
+            &format!("ulimit -v {} && exec \"$0\" \"$@\"", idle + 20 * 1024),
+            proxy_binary(),
+        ])
+        .args(args);
+    let proxy = ProxyProcess::spawn(command);
+    let target = TargetAddr::Ip(echo.addr);
+    let mut established = Vec::new();
+    let mut refused = 0;
+    for _ in 0..60 {
+        match socks_connect(proxy.addr, &target, None) {
+            Ok((stream, ReplyCode::Succeeded, _)) => established.push(stream),
+            Ok((_, code, _)) => panic!("unexpected reply {code:?}"),
+            Err(err) => {
+                assert!(
+                    !matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "a client was left waiting"
+                );
+                refused += 1;
+            }
+        }
+    }
+    let count = established.len();
+    assert!((5..60).contains(&count), "{count} sessions established");
+    assert!(refused > 0);
+    assert!(proxy_alive(&proxy), "proxy died");
+    for (i, stream) in established.iter_mut().enumerate() {
+        let message = format!("session {i} still flows");
+        stream.write_all(message.as_bytes()).expect("write");
+        assert_eq!(
+            read_exact(stream, message.len()).expect("echo"),
+            message.as_bytes()
+        );
+    }
+    established.truncate(count / 2);
+    let mut recovered = None;
+    for _ in 0..200 {
+        if let Ok((stream, ReplyCode::Succeeded, _)) = socks_connect(proxy.addr, &target, None) {
+            recovered = Some(stream);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut stream = recovered.expect("a new session once threads were freed");
+    stream.write_all(b"recovered").expect("write");
+    assert_eq!(read_exact(&mut stream, 9).expect("echo"), b"recovered");
+    assert!(proxy_alive(&proxy), "proxy died");
 }
