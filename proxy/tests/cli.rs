@@ -164,6 +164,23 @@ fn public_bind_without_auth_warns_loudly() {
     assert!(stderr.contains("WITHOUT AUTHENTICATION"), "{stderr}");
 }
 
+/// CPU time (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("comm")
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15, counted from 1 with pid and comm first.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+fn ticks_per_second() -> u64 {
+    rustix::param::clock_ticks_per_second()
+}
+
 /// How the proxy answered one session attempt while out of descriptors.
 #[derive(Debug)]
 enum Attempt {
@@ -239,6 +256,17 @@ fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
             "{mode}: {count} sessions established"
         );
         assert!(refused >= 30, "{mode}: only {refused} refused");
+        // Saturated, with a newcomer knocking: a busy loop would burn the whole window.
+        let knocking = std::net::TcpStream::connect(proxy.addr);
+        let pid = proxy.child.id();
+        let before = cpu_ticks(pid);
+        std::thread::sleep(Duration::from_secs(2));
+        let spent = cpu_ticks(pid) - before;
+        assert!(
+            spent < ticks_per_second(),
+            "{mode}: {spent} CPU ticks in 2 s while saturated (a busy loop?)"
+        );
+        drop(knocking);
         assert!(
             proxy.child.try_wait().expect("try_wait").is_none(),
             "{mode}: proxy died"
@@ -285,4 +313,97 @@ fn a_descriptor_limit_too_low_to_serve_is_refused_before_the_ready_line() {
     assert!(output.stdout.is_empty(), "no ready line");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("descriptor limit is 12"), "{stderr}");
+}
+
+/// The README's hardened setup, flag for flag (but on loopback, with the listed client
+/// 127.0.0.2): an unlisted client is closed before any reply, and loopback, link-local and
+/// cloud-metadata, private and unique-local destinations (IPv4, IPv6, IPv4-mapped and by
+/// name) all get 0x02 without being contacted, in every mode.
+#[test]
+fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients() {
+    let users = temp_file("hardened-users", "alice:s3cret\n", 0o600);
+    let echo = Target::echo("127.0.0.1:0");
+    let denied = [
+        TargetAddr::Ip(echo.addr),
+        TargetAddr::Ip("169.254.169.254:80".parse().expect("addr")),
+        TargetAddr::Ip("10.1.2.3:80".parse().expect("addr")),
+        TargetAddr::Ip("172.16.0.1:80".parse().expect("addr")),
+        TargetAddr::Ip("192.168.1.1:80".parse().expect("addr")),
+        TargetAddr::Ip("[::1]:80".parse().expect("addr")),
+        TargetAddr::Ip("[fe80::1]:80".parse().expect("addr")),
+        TargetAddr::Ip("[fd00::1]:80".parse().expect("addr")),
+        TargetAddr::Ip("[::ffff:10.0.0.1]:80".parse().expect("addr")),
+        TargetAddr::Domain("localhost".into(), echo.addr.port()),
+    ];
+    for mode in all_modes() {
+        let mut command = Command::new(proxy_binary());
+        command.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--mode",
+            mode.name(),
+            "--users-file",
+            users.to_str().expect("path"),
+            "--allow-client",
+            "127.0.0.2/32",
+            "--deny-dest",
+            "127.0.0.0/8",
+            "--deny-dest",
+            "::1/128",
+            "--deny-dest",
+            "169.254.0.0/16",
+            "--deny-dest",
+            "fe80::/10",
+            "--deny-dest",
+            "10.0.0.0/8",
+            "--deny-dest",
+            "172.16.0.0/12",
+            "--deny-dest",
+            "192.168.0.0/16",
+            "--deny-dest",
+            "fc00::/7",
+            "--idle-timeout",
+            "10m",
+            "--max-sessions",
+            "5000",
+            "--log-level",
+            "error",
+        ]);
+        let proxy = ProxyProcess::spawn(command);
+
+        // A client that is not listed: closed before any reply.
+        let mut unlisted = connect(proxy.addr);
+        let _ = unlisted.write_all(&proxy::client::encode_greeting(&[2]));
+        assert!(
+            closed_without_data(&mut unlisted),
+            "{mode}: unlisted client"
+        );
+
+        for target in &denied {
+            let socket = rustix::net::socket(
+                rustix::net::AddressFamily::INET,
+                rustix::net::SocketType::STREAM,
+                None,
+            )
+            .expect("socket");
+            let from: std::net::SocketAddr = "127.0.0.2:0".parse().expect("addr");
+            rustix::net::bind(&socket, &from).expect("bind 127.0.0.2");
+            rustix::net::connect(&socket, &proxy.addr).expect("connect");
+            let mut stream = std::net::TcpStream::from(socket);
+            stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+            stream
+                .write_all(&proxy::client::encode_greeting(&[2]))
+                .expect("greeting");
+            assert_eq!(read_exact(&mut stream, 2).expect("method"), [5, 2]);
+            stream
+                .write_all(&proxy::client::encode_auth("alice", "s3cret"))
+                .expect("auth");
+            assert_eq!(read_exact(&mut stream, 2).expect("auth reply"), [1, 0]);
+            let mut request = Vec::new();
+            proxy::client::encode_request(1, target, &mut request);
+            stream.write_all(&request).expect("request");
+            let (code, _) = read_reply(&mut stream).expect("reply");
+            assert_eq!(code, ReplyCode::NotAllowed, "{mode}: {target:?}");
+        }
+    }
 }
