@@ -95,6 +95,12 @@ fn a_client_that_never_reads_does_not_grow_the_proxy() {
             received += n as u64;
         }
         assert_eq!(received, SIZE, "{mode}");
+        drop(stream);
+        assert_eq!(
+            wait_for_no_session_sockets(pid),
+            0,
+            "{mode}: session sockets left open"
+        );
     }
 }
 
@@ -151,6 +157,11 @@ fn slowloris_clients_are_closed_and_do_not_block_others() {
             );
         }
         drop(stalled);
+        assert_eq!(
+            wait_for_no_session_sockets(proxy.child.id()),
+            0,
+            "{mode}: session sockets left open"
+        );
     }
 }
 
@@ -215,6 +226,11 @@ fn garbage_and_truncated_messages_are_closed_cleanly() {
             "{mode}"
         );
         drop(normal);
+        assert_eq!(
+            wait_for_no_session_sockets(proxy.child.id()),
+            0,
+            "{mode}: session sockets left open"
+        );
     }
 }
 
@@ -340,7 +356,16 @@ fn a_target_that_never_reads_does_not_grow_the_proxy() {
     const CAP: usize = 64 << 20;
     let sink = Target::spawn("127.0.0.1:0", |_stream| std::thread::sleep(IO_TIMEOUT));
     for mode in all_modes() {
-        let proxy = ProxyProcess::start(&["--mode", mode.name(), "--log-level", "warn"]);
+        // The idle timeout is what ends a session whose target neither reads nor closes;
+        // it is longer than the 1 s without progress that tells the client it is stalled.
+        let proxy = ProxyProcess::start(&[
+            "--mode",
+            mode.name(),
+            "--idle-timeout",
+            "5s",
+            "--log-level",
+            "warn",
+        ]);
         let pid = proxy.child.id();
         let mut stream = open_session(proxy.addr, sink.addr);
         stream
@@ -373,6 +398,12 @@ fn a_target_that_never_reads_does_not_grow_the_proxy() {
             "{mode}: proxy RSS grew {growth} KiB while the target did not read"
         );
         assert!(proxy_alive(&proxy), "{mode}: proxy died");
+        drop(stream);
+        assert_eq!(
+            wait_for_no_session_sockets(pid),
+            0,
+            "{mode}: session sockets left open"
+        );
     }
 }
 
