@@ -177,3 +177,29 @@ impl BurstLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn refusing_closes_every_waiting_connection_and_keeps_the_reserve() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let mut waiting: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        assert_eq!(refuse_waiting(&listener), 3);
+        for stream in &mut waiting {
+            let mut byte = [0u8; 1];
+            assert_eq!(stream.read(&mut byte).expect("EOF"), 0);
+        }
+        assert_eq!(refuse_waiting(&listener), 0, "nothing left waiting");
+        assert!(reserve_read().is_some(), "the reserve is held again");
+        let made = new_descriptor(|| TcpStream::connect(addr));
+        assert!(made.is_ok());
+    }
+}
