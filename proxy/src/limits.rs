@@ -130,8 +130,14 @@ pub fn refuse_waiting(listener: impl AsFd) -> usize {
     let mut reserve = reserve_write();
     *reserve = None;
     let mut refused = 0;
-    while refused < REFUSE_BATCH && rustix::net::accept(&listener).is_ok() {
-        refused += 1;
+    for _ in 0..REFUSE_BATCH {
+        match rustix::net::accept(&listener) {
+            Ok(_) => refused += 1,
+            Err(rustix::io::Errno::AGAIN) => break,
+            // A client that gave up while queued: the next one may still be waiting.
+            Err(err) if is_transient_accept_error(&err.into()) => {}
+            Err(_) => break,
+        }
     }
     *reserve = File::open("/dev/null").ok();
     refused

@@ -340,6 +340,8 @@ fn misbehaving_peers_are_ended_and_leave_no_socket_behind() {
             read_exact(&mut normal, data.len()).expect("echo") == data,
             "{mode}: bytes altered"
         );
+        // The count sees a live session (so that zero below means something).
+        assert!(session_sockets(pid) >= 2, "{mode}: session sockets not seen");
         drop(normal);
         assert_eq!(
             wait_for_no_session_sockets(pid),
@@ -412,6 +414,8 @@ fn a_target_that_never_reads_does_not_grow_the_proxy() {
 #[test]
 fn sigterm_drains_a_thousand_sessions_and_exits_0() {
     use rustix::process::Signal;
+    // Two descriptors per session in this process too (client and echo side).
+    proxy::limits::raise_nofile_limit().expect("raise the descriptor limit");
     let echo = Target::echo("127.0.0.1:0");
     for mode in all_modes() {
         let count = if mode.name() == "select" { 400 } else { 1000 };
@@ -457,8 +461,9 @@ fn sigterm_drains_a_thousand_sessions_and_exits_0() {
 }
 
 /// threads mode when no more threads can be started (an address-space limit that fits about
-/// 20 session stacks of 1 MiB): sessions beyond it are refused by closing, the established
-/// ones keep flowing, the proxy lives on, and new sessions are served once others end.
+/// 20 session stacks of 8 MiB, with one malloc arena so the heap does not take the room): sessions
+/// beyond it are refused by closing, the established ones keep flowing, the proxy lives on,
+/// and new sessions are served once others end.
 #[test]
 fn thread_exhaustion_in_threads_mode_refuses_cleanly_and_recovers() {
     let echo = Target::echo("127.0.0.1:0");
@@ -468,12 +473,14 @@ fn thread_exhaustion_in_threads_mode_refuses_cleanly_and_recovers() {
         "--mode",
         "threads",
         "--stack-size",
-        "1048576",
+        "8388608",
         "--log-level",
         "error",
     ];
     let idle = {
-        let probe = ProxyProcess::start(&args[2..]);
+        let mut command = std::process::Command::new(proxy_binary());
+        command.args(args).env("MALLOC_ARENA_MAX", "1");
+        let probe = ProxyProcess::spawn(command);
         status_kib(probe.child.id(), "VmSize")
     };
     assert!(idle > 0, "VmSize of an idle proxy");
@@ -481,10 +488,11 @@ fn thread_exhaustion_in_threads_mode_refuses_cleanly_and_recovers() {
     command
         .args([
             "-c",
-            &format!("ulimit -v {} && exec \"$0\" \"$@\"", idle + 20 * 1024),
+            &format!("ulimit -v {} && exec \"$0\" \"$@\"", idle + 20 * 8 * 1024),
             proxy_binary(),
         ])
-        .args(args);
+        .args(args)
+        .env("MALLOC_ARENA_MAX", "1");
     let proxy = ProxyProcess::spawn(command);
     let target = TargetAddr::Ip(echo.addr);
     let mut established = Vec::new();

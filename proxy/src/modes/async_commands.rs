@@ -12,6 +12,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::config::Config;
 use crate::handshake::{Handshake, Request, TargetAddr};
 use crate::limits;
+use crate::modes::async_tokio;
 use crate::reply::Failure;
 use crate::udp::{encode_datagram, parse_datagram};
 
@@ -101,7 +102,7 @@ pub async fn bind(
     out.clear();
     let deadline = Instant::now() + config.connect_timeout;
     let (inbound, from) = loop {
-        match timeout_at(deadline, listener.accept()).await {
+        match timeout_at(deadline, async_tokio::accept(&listener)).await {
             Err(_) => {
                 fail(&mut client, &mut handshake, Failure::ConnectTimeout, peer).await;
                 return None;

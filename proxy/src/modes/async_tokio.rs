@@ -68,7 +68,7 @@ pub async fn serve(
         tokio::select! {
             _ = shutdown.wait() => break,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-            accepted = listener.accept() => match accepted {
+            accepted = accept(&listener) => match accepted {
                 Ok((stream, peer)) => {
                     while sessions.try_join_next().is_some() {}
                     if !config.acl.client_allowed(peer.ip()) {
@@ -227,6 +227,12 @@ async fn read_request(
             Step::Relay => return Err(SessionError::Protocol("relay before request")),
         }
     }
+}
+
+/// Accepts one connection through the descriptor gate (see [`limits::new_descriptor`]); the
+/// gate is held only within one poll, never across an await.
+pub(crate) async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    std::future::poll_fn(|cx| limits::new_descriptor(|| listener.poll_accept(cx))).await
 }
 
 /// Resolves the target without blocking and tries each allowed address in order, all within

@@ -485,11 +485,17 @@ impl<P: Poller> EventLoop<'_, P> {
     }
 
     fn resume_accepting(&mut self) {
+        if let Some(listener) = &self.listener {
+            if let Err(err) = self.poller.watch_listener(listener.as_fd(), LISTENER, true) {
+                // Out of kernel memory or epoll watches: stay paused and try again later,
+                // rather than never watching the listener again.
+                tracing::warn!("cannot watch the listener again: {err}");
+                self.accept_paused_until = Some(Instant::now() + EXHAUSTION_BACKOFF);
+                return;
+            }
+        }
         self.accept_paused_until = None;
         self.accept_pending = true;
-        if let Some(listener) = &self.listener {
-            let _ = self.poller.watch_listener(listener.as_fd(), LISTENER, true);
-        }
     }
 
     fn on_accepted(&mut self, client: TcpStream, peer: SocketAddr) {

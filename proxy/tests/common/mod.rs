@@ -339,12 +339,12 @@ pub fn socket_inodes(pid: u32) -> std::collections::HashSet<u64> {
     .collect()
 }
 
-/// The inodes of every TCP socket on the machine that is not listening (connected,
-/// connecting or closing).
-fn tcp_connection_inodes() -> std::collections::HashSet<u64> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|path| std::fs::read_to_string(path).ok())
+/// The inodes of the sockets a process may hold for itself rather than for a session: TCP
+/// sockets in the LISTEN state and Unix sockets (a runtime's signal pipe), machine-wide.
+fn own_socket_inodes() -> std::collections::HashSet<u64> {
+    let listening = std::fs::read_to_string("/proc/net/tcp")
+        .into_iter()
+        .chain(std::fs::read_to_string("/proc/net/tcp6"))
         .flat_map(|table| {
             table
                 .lines()
@@ -352,20 +352,29 @@ fn tcp_connection_inodes() -> std::collections::HashSet<u64> {
                 .filter_map(|line| {
                     let fields: Vec<&str> = line.split_whitespace().collect();
                     // State 0A is LISTEN.
-                    (*fields.get(3)? != "0A").then(|| fields.get(9)?.parse().ok())?
+                    (*fields.get(3)? == "0A").then(|| fields.get(9)?.parse().ok())?
                 })
                 .collect::<Vec<u64>>()
-        })
-        .collect()
+        });
+    let unix = std::fs::read_to_string("/proc/net/unix")
+        .into_iter()
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| line.split_whitespace().nth(6)?.parse().ok())
+                .collect::<Vec<u64>>()
+        });
+    listening.chain(unix).collect()
 }
 
-/// How many TCP connections a process holds (its sessions' sockets; not its listeners, nor
-/// the Unix sockets a runtime keeps for signals).
+/// How many sockets a process holds for its sessions: every socket but its listeners and Unix
+/// sockets, in any state (a socket that was reset is in no table, but still counts here).
 pub fn session_sockets(pid: u32) -> usize {
-    let connections = tcp_connection_inodes();
+    let own = own_socket_inodes();
     socket_inodes(pid)
         .iter()
-        .filter(|inode| connections.contains(inode))
+        .filter(|inode| !own.contains(inode))
         .count()
 }
 
