@@ -119,6 +119,9 @@ pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io
             match limits::new_descriptor(|| listener.accept()) {
                 Ok((client, peer)) => {
                     if !spawn_session(client, peer, &config, &live, &stop_sessions, stack_size) {
+                        // No thread for them either: refuse the others waiting now rather
+                        // than one per back-off.
+                        limits::refuse_waiting(&listener);
                         paused = true;
                         break;
                     }
