@@ -35,7 +35,10 @@ fn run(users: Option<Arc<UserDb>>, input: &[u8], pieces: &[u8]) -> (Vec<u8>, Ste
     let mut leftover = Vec::new();
     if matches!(step, Step::Request(_)) {
         // Only a connect outcome may produce a reply now; never success before it.
-        assert!(matches!(out.len(), 2 | 4), "output before a connect outcome: {out:?}");
+        assert!(
+            matches!(out.len(), 2 | 4),
+            "output before a connect outcome: {out:?}"
+        );
         leftover = handshake.take_leftover();
         leftover.extend_from_slice(&input[start..]);
         let mut failed = Vec::new();
@@ -64,5 +67,8 @@ fuzz_target!(|data: &[u8]| {
     });
     let whole = run(users.clone(), input, &[]);
     let split = run(users, input, pieces);
-    assert_eq!(whole, split, "the outcome depends on how the input was split");
+    assert_eq!(
+        whole, split,
+        "the outcome depends on how the input was split"
+    );
 });
