@@ -94,13 +94,13 @@ fn reserve_write() -> RwLockWriteGuard<'static, Option<File>> {
     RESERVE.write().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Opens the process's reserve descriptor if it is not held; returns whether it is held now.
-pub fn replenish_reserve() -> bool {
+/// Opens the process's reserve descriptor if it is not held (it stays missing while no
+/// descriptor is free; [`new_descriptor`] tries again).
+pub fn replenish_reserve() {
     let mut reserve = reserve_write();
     if reserve.is_none() {
         *reserve = File::open("/dev/null").ok();
     }
-    reserve.is_some()
 }
 
 /// Runs `create`, which makes one new descriptor (a socket, an accept), such that it never
@@ -141,6 +141,19 @@ pub fn refuse_waiting(listener: impl AsFd) -> usize {
     }
     *reserve = File::open("/dev/null").ok();
     refused
+}
+
+static ACCEPT_EXHAUSTED: BurstLog =
+    BurstLog::new("out of descriptors on accept; refusing newcomers");
+
+/// What every mode does when accept fails with `err`, a resource exhaustion: refuse the
+/// waiting connections on the reserve ([`refuse_waiting`]) and log the burst. The caller then
+/// backs off before accepting again.
+pub fn refuse_on_exhaustion(listener: impl AsFd, err: &io::Error, sessions_open: usize) {
+    let refused = refuse_waiting(listener);
+    ACCEPT_EXHAUSTED.hit(&format_args!(
+        "{err}; {sessions_open} sessions open; refused {refused} waiting"
+    ));
 }
 
 /// Logs a recurring condition at most once per interval, with how often it happened since.

@@ -181,35 +181,6 @@ fn ticks_per_second() -> u64 {
     rustix::param::clock_ticks_per_second()
 }
 
-/// How the proxy answered one session attempt while out of descriptors.
-#[derive(Debug)]
-enum Attempt {
-    Established(std::net::TcpStream),
-    /// Reply 0x01: the outgoing socket could not be created.
-    RefusedWithReply,
-    /// Closed (EOF or reset) before a reply: refused at accept.
-    RefusedClosed,
-}
-
-/// One session attempt; a client left waiting (no answer within the I/O timeout) is an
-/// error, never a refusal.
-fn attempt_session(proxy: std::net::SocketAddr, target: &TargetAddr) -> Result<Attempt, String> {
-    match socks_connect(proxy, target, None) {
-        Ok((stream, ReplyCode::Succeeded, _)) => Ok(Attempt::Established(stream)),
-        Ok((_, ReplyCode::GeneralFailure, _)) => Ok(Attempt::RefusedWithReply),
-        Ok((_, code, _)) => Err(format!("unexpected reply {code:?}")),
-        Err(err)
-            if matches!(
-                err.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Err("a client was left waiting instead of being refused".to_string())
-        }
-        Err(_) => Ok(Attempt::RefusedClosed),
-    }
-}
-
 /// With a soft and hard descriptor limit of 64, more sessions are opened than fit, in every
 /// mode, one after another and then 30 at once: the established ones keep flowing, every other
 /// client is refused promptly and cleanly (EOF, or reply 0x01 when the outgoing socket could
@@ -266,10 +237,7 @@ fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
             let mut byte = [0u8; 1];
             if let Err(err) = std::io::Read::read(&mut knock, &mut byte) {
                 assert!(
-                    !matches!(
-                        err.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ),
+                    !is_timeout(&err),
                     "{mode}: a knocking client was left waiting"
                 );
             }
@@ -285,26 +253,15 @@ fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
             "{mode}: proxy died"
         );
         for (i, stream) in established.iter_mut().enumerate() {
-            let message = format!("session {i} still flows");
-            stream.write_all(message.as_bytes()).expect("write");
-            let echoed = read_exact(stream, message.len())
-                .unwrap_or_else(|err| panic!("{mode}: session {i} of {count}: {err}"));
-            assert_eq!(echoed, message.as_bytes(), "{mode}");
+            assert!(
+                echo_check(stream, format!("session {i} still flows").as_bytes()),
+                "{mode}: session {i} of {count}"
+            );
         }
         established.truncate(count / 2);
-        let mut recovered = None;
-        for _ in 0..200 {
-            if let Ok((stream, ReplyCode::Succeeded, _)) = socks_connect(proxy.addr, &target, None)
-            {
-                recovered = Some(stream);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let mut stream = recovered
+        let mut recovered = open_session_eventually(proxy.addr, echo.addr)
             .unwrap_or_else(|| panic!("{mode}: no new session after descriptors were freed"));
-        stream.write_all(b"recovered").expect("write");
-        assert_eq!(read_exact(&mut stream, 9).expect("echo"), b"recovered");
+        assert!(echo_check(&mut recovered, b"recovered"), "{mode}");
         assert!(
             proxy.child.try_wait().expect("try_wait").is_none(),
             "{mode}: proxy died"

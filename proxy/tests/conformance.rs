@@ -476,19 +476,6 @@ fn idle_sessions_are_closed_after_the_idle_timeout() {
     }
 }
 
-/// Opens sessions until one works, retrying while the server notices earlier closes.
-fn open_session_eventually(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
-    for _ in 0..200 {
-        if let Ok((stream, ReplyCode::Succeeded, _)) =
-            socks_connect(proxy, &TargetAddr::Ip(target), None)
-        {
-            return stream;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("the server never accepted a new session");
-}
-
 #[test]
 fn max_sessions_refuses_newcomers_and_recovers() {
     let echo = Target::echo("127.0.0.1:0");
@@ -506,7 +493,8 @@ fn max_sessions_refuses_newcomers_and_recovers() {
         echo_round_trip(&mut first, b"still served");
         echo_round_trip(&mut second, b"still served");
         drop(first);
-        let mut again = open_session_eventually(server.addr, echo.addr);
+        let mut again = open_session_eventually(server.addr, echo.addr)
+            .expect("the server never accepted a new session");
         echo_round_trip(&mut again, b"served after a slot freed");
     }
 }

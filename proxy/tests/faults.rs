@@ -385,14 +385,7 @@ fn a_target_that_never_reads_does_not_grow_the_proxy() {
         while written < CAP {
             match stream.write(&block) {
                 Ok(n) => written += n,
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break
-                }
+                Err(err) if is_timeout(&err) => break,
                 Err(err) => panic!("{mode}: write failed: {err}"),
             }
         }
@@ -504,19 +497,12 @@ fn thread_exhaustion_in_threads_mode_refuses_cleanly_and_recovers() {
     let mut established = Vec::new();
     let mut refused = 0;
     for _ in 0..60 {
-        match socks_connect(proxy.addr, &target, None) {
-            Ok((stream, ReplyCode::Succeeded, _)) => established.push(stream),
-            Ok((_, code, _)) => panic!("unexpected reply {code:?}"),
-            Err(err) => {
-                assert!(
-                    !matches!(
-                        err.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ),
-                    "a client was left waiting"
-                );
-                refused += 1;
-            }
+        match attempt_session(proxy.addr, &target) {
+            Ok(Attempt::Established(stream)) => established.push(stream),
+            Ok(Attempt::RefusedClosed) => refused += 1,
+            // Out of threads, not descriptors: nothing gets as far as a reply.
+            Ok(Attempt::RefusedWithReply) => panic!("unexpected reply GeneralFailure"),
+            Err(err) => panic!("{err}"),
         }
     }
     let count = established.len();
@@ -524,24 +510,14 @@ fn thread_exhaustion_in_threads_mode_refuses_cleanly_and_recovers() {
     assert!(refused > 0);
     assert!(proxy_alive(&proxy), "proxy died");
     for (i, stream) in established.iter_mut().enumerate() {
-        let message = format!("session {i} still flows");
-        stream.write_all(message.as_bytes()).expect("write");
-        assert_eq!(
-            read_exact(stream, message.len()).expect("echo"),
-            message.as_bytes()
+        assert!(
+            echo_check(stream, format!("session {i} still flows").as_bytes()),
+            "session {i} of {count}"
         );
     }
     established.truncate(count / 2);
-    let mut recovered = None;
-    for _ in 0..200 {
-        if let Ok((stream, ReplyCode::Succeeded, _)) = socks_connect(proxy.addr, &target, None) {
-            recovered = Some(stream);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut stream = recovered.expect("a new session once threads were freed");
-    stream.write_all(b"recovered").expect("write");
-    assert_eq!(read_exact(&mut stream, 9).expect("echo"), b"recovered");
+    let mut recovered = open_session_eventually(proxy.addr, echo.addr)
+        .expect("no new session once threads were freed");
+    assert!(echo_check(&mut recovered, b"recovered"));
     assert!(proxy_alive(&proxy), "proxy died");
 }

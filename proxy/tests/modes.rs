@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
@@ -11,11 +10,6 @@ use common::*;
 use proxy::handshake::TargetAddr;
 use proxy::reply::ReplyCode;
 use rustix::process::Signal;
-
-fn echo_check(stream: &mut TcpStream, message: &[u8]) -> bool {
-    stream.write_all(message).is_ok()
-        && read_exact(stream, message.len()).is_ok_and(|echo| echo == message)
-}
 
 /// select cannot watch descriptors ≥ 1024: sessions beyond the wall are refused cleanly, the
 /// rest keep working, and new sessions are served once others close.
@@ -81,9 +75,7 @@ fn inode_of(port: u16, remote: std::net::SocketAddr) -> Option<u64> {
         u32::from_le_bytes(remote.ip().octets()),
         remote.port()
     );
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
+    proc_net_rows("tcp").into_iter().find_map(|fields| {
         let local_port = fields.get(1)?.rsplit(':').next()?;
         let matches =
             u16::from_str_radix(local_port, 16).ok()? == port && *fields.get(2)? == remote_hex;

@@ -29,8 +29,6 @@ use crate::reply::Failure;
 use crate::session::SessionError;
 use crate::shutdown::Shutdown;
 
-static ACCEPT_EXHAUSTED: BurstLog =
-    BurstLog::new("out of descriptors on accept; refusing newcomers");
 static CONNECT_EXHAUSTED: BurstLog =
     BurstLog::new("out of descriptors for outgoing connections; replying 0x01");
 static OVER_MAX_SESSIONS: BurstLog = BurstLog::new("--max-sessions reached; refusing newcomers");
@@ -82,11 +80,7 @@ pub async fn serve(
                     sessions.spawn(session(stream, peer, config.clone()));
                 }
                 Err(err) if limits::is_resource_exhaustion(&err) => {
-                    let refused = limits::refuse_waiting(&listener);
-                    ACCEPT_EXHAUSTED.hit(&format_args!(
-                        "{err}; {} sessions open; refused {refused} waiting",
-                        sessions.len()
-                    ));
+                    limits::refuse_on_exhaustion(&listener, &err, sessions.len());
                     tokio::select! {
                         _ = shutdown.wait() => break,
                         Some(_) = sessions.join_next(), if !sessions.is_empty() => {}

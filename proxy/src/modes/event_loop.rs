@@ -30,8 +30,6 @@ use crate::reply::Failure;
 use crate::resolver::Resolver;
 use crate::shutdown::Shutdown;
 
-static ACCEPT_EXHAUSTED: BurstLog =
-    BurstLog::new("out of descriptors on accept; refusing newcomers");
 static CONNECT_EXHAUSTED: BurstLog =
     BurstLog::new("cannot create an outgoing socket; replying 0x01");
 static OVER_MAX_SESSIONS: BurstLog = BurstLog::new("--max-sessions reached; refusing newcomers");
@@ -454,11 +452,7 @@ impl<P: Poller> EventLoop<'_, P> {
                     return;
                 }
                 Err(err) if limits::is_resource_exhaustion(&err) => {
-                    let refused = limits::refuse_waiting(listener);
-                    ACCEPT_EXHAUSTED.hit(&format_args!(
-                        "{err}; {} sessions open; refused {refused} waiting",
-                        self.sessions.len()
-                    ));
+                    limits::refuse_on_exhaustion(listener, &err, self.sessions.len());
                     self.pause_accepting();
                     return;
                 }

@@ -30,8 +30,6 @@ pub const DEFAULT_STACK_SIZE: usize = 128 * 1024;
 /// before the thread sleeps: an idle session thread holds none.
 const THREAD_SCRATCH: usize = 16 * 1024;
 
-static ACCEPT_EXHAUSTED: BurstLog =
-    BurstLog::new("out of descriptors on accept; refusing newcomers");
 static SPAWN_FAILED: BurstLog = BurstLog::new("cannot start a session thread; refusing newcomers");
 static OVER_MAX_SESSIONS: BurstLog = BurstLog::new("--max-sessions reached; refusing newcomers");
 
@@ -128,11 +126,7 @@ pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) if limits::is_resource_exhaustion(&err) => {
-                    let refused = limits::refuse_waiting(&listener);
-                    ACCEPT_EXHAUSTED.hit(&format_args!(
-                        "{err}; {} sessions open; refused {refused} waiting",
-                        live.count()
-                    ));
+                    limits::refuse_on_exhaustion(&listener, &err, live.count());
                     paused = true;
                     break;
                 }

@@ -339,32 +339,28 @@ pub fn socket_inodes(pid: u32) -> std::collections::HashSet<u64> {
     .collect()
 }
 
+/// The rows of a /proc/net table (tcp, tcp6, unix), split into fields, header skipped.
+pub fn proc_net_rows(table: &str) -> Vec<Vec<String>> {
+    std::fs::read_to_string(format!("/proc/net/{table}"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
+
 /// The inodes of the sockets a process may hold for itself rather than for a session: TCP
-/// sockets in the LISTEN state and Unix sockets (a runtime's signal pipe), machine-wide.
+/// sockets in the LISTEN state (st 0A, inode in field 9) and Unix sockets (a runtime's signal
+/// pipe; inode in field 6), machine-wide.
 fn own_socket_inodes() -> std::collections::HashSet<u64> {
-    let listening = std::fs::read_to_string("/proc/net/tcp")
+    let listening = ["tcp", "tcp6"]
         .into_iter()
-        .chain(std::fs::read_to_string("/proc/net/tcp6"))
-        .flat_map(|table| {
-            table
-                .lines()
-                .skip(1)
-                .filter_map(|line| {
-                    let fields: Vec<&str> = line.split_whitespace().collect();
-                    // State 0A is LISTEN.
-                    (*fields.get(3)? == "0A").then(|| fields.get(9)?.parse().ok())?
-                })
-                .collect::<Vec<u64>>()
-        });
-    let unix = std::fs::read_to_string("/proc/net/unix")
+        .flat_map(proc_net_rows)
+        .filter(|fields| fields.get(3).is_some_and(|state| state == "0A"))
+        .filter_map(|fields| fields.get(9)?.parse().ok());
+    let unix = proc_net_rows("unix")
         .into_iter()
-        .flat_map(|table| {
-            table
-                .lines()
-                .skip(1)
-                .filter_map(|line| line.split_whitespace().nth(6)?.parse().ok())
-                .collect::<Vec<u64>>()
-        });
+        .filter_map(|fields| fields.get(6)?.parse().ok());
     listening.chain(unix).collect()
 }
 
@@ -434,4 +430,56 @@ pub fn black_hole() -> (SocketAddr, Vec<TcpStream>) {
         }
     }
     panic!("could not fill the accept queue of a backlog-0 listener");
+}
+
+/// Whether an I/O error is a timeout (the peer neither answered nor closed).
+pub fn is_timeout(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Writes `message` and reads it back; whether it came back intact.
+pub fn echo_check(stream: &mut TcpStream, message: &[u8]) -> bool {
+    stream.write_all(message).is_ok()
+        && read_exact(stream, message.len()).is_ok_and(|echo| echo == message)
+}
+
+/// How the proxy answered one session attempt while short of a resource.
+#[derive(Debug)]
+pub enum Attempt {
+    Established(TcpStream),
+    /// Reply 0x01: the outgoing socket could not be created.
+    RefusedWithReply,
+    /// Closed (EOF or reset) before a reply: refused at accept.
+    RefusedClosed,
+}
+
+/// One CONNECT attempt; a client left waiting (no answer within the I/O timeout) and any
+/// reply other than success or 0x01 are errors, never refusals.
+pub fn attempt_session(proxy: SocketAddr, target: &TargetAddr) -> Result<Attempt, String> {
+    match socks_connect(proxy, target, None) {
+        Ok((stream, ReplyCode::Succeeded, _)) => Ok(Attempt::Established(stream)),
+        Ok((_, ReplyCode::GeneralFailure, _)) => Ok(Attempt::RefusedWithReply),
+        Ok((_, code, _)) => Err(format!("unexpected reply {code:?}")),
+        Err(err) if is_timeout(&err) => {
+            Err("a client was left waiting instead of being refused".to_string())
+        }
+        Err(_) => Ok(Attempt::RefusedClosed),
+    }
+}
+
+/// Opens sessions until one works (bounded: 200 tries, 20 ms apart), retrying while the
+/// server notices earlier closes or frees the resource it ran out of.
+pub fn open_session_eventually(proxy: SocketAddr, target: SocketAddr) -> Option<TcpStream> {
+    for _ in 0..200 {
+        if let Ok((stream, ReplyCode::Succeeded, _)) =
+            socks_connect(proxy, &TargetAddr::Ip(target), None)
+        {
+            return Some(stream);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
