@@ -22,7 +22,7 @@ pub enum CredentialError {
         reason: String,
     },
     /// The users file could not be read.
-    #[error("cannot read users file {path}: {source}")]
+    #[error("cannot read users file {path}")]
     Unreadable {
         /// The users file.
         path: String,

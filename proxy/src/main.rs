@@ -16,7 +16,8 @@ use proxy::auth::UserDb;
 use proxy::config::{parse_cidr, parse_duration, parse_size};
 use proxy::{limits, listener, modes, workers, Acl, Config, Mode, Shutdown};
 
-/// A SOCKS5 proxy server (RFC 1928 CONNECT, BIND, UDP ASSOCIATE; RFC 1929 username/password).
+/// A SOCKS5 proxy server (RFC 1928 CONNECT in every mode, BIND and UDP ASSOCIATE in `async`;
+/// RFC 1929 username/password).
 ///
 /// Prints `listening on <ADDR> mode=<MODE>` on stdout once it accepts connections.
 /// SIGINT/SIGTERM stop accepting and let sessions finish for --grace; a second signal exits

@@ -102,6 +102,13 @@ fn unusable_values_exit_2_with_one_line() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+    // The cause is told once, not repeated by the error chain.
+    let (_, stderr) = run_to_exit(&["--users-file", "/nonexistent/users"]);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
     // Port in use: the listener above still holds it.
     let (code, stderr) = run_to_exit(&["--listen", &taken]);
     assert_eq!(code, Some(2), "{stderr}");
