@@ -3,9 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proxy::client;
-use proxy::handshake::TargetAddr;
-use proxy::udp::{encode_datagram, parse_datagram};
+use proxy::socks5::client;
+use proxy::socks5::handshake::TargetAddr;
+use proxy::socks5::udp::{encode_datagram, parse_datagram};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((TargetAddr::Ip(target), payload)) = parse_datagram(data) {

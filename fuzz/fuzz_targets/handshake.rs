@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use proxy::auth::UserDb;
-use proxy::handshake::{Handshake, Step};
-use proxy::reply::Failure;
+use proxy::socks5::auth::UserDb;
+use proxy::socks5::handshake::{Handshake, Step};
+use proxy::socks5::reply::Failure;
 
 /// The bytes written, where the machine stopped, and the bytes left for the relay.
 fn run(users: Option<Arc<UserDb>>, input: &[u8], pieces: &[u8]) -> (Vec<u8>, Step, Vec<u8>) {

@@ -31,7 +31,7 @@ pub fn run(addrs: &[SocketAddr], threads: usize) -> anyhow::Result<()> {
         let mut bound = Vec::new();
         let mut listeners = Vec::new();
         for addr in addrs {
-            let listener = proxy::listener::bind(*addr, false)?;
+            let listener = proxy::net::listener::bind(*addr, false)?;
             listener.set_nonblocking(true)?;
             let listener = TcpListener::from_std(listener)?;
             bound.push(listener.local_addr()?.to_string());

@@ -176,7 +176,7 @@ struct RunArgs {
 
 /// Raises the soft descriptor limit to the hard limit; returns the soft limit.
 pub fn raise_nofile_limit() -> u64 {
-    proxy::limits::raise_nofile_limit().unwrap_or_else(|_| proxy::limits::nofile_limit())
+    proxy::net::limits::raise_nofile_limit().unwrap_or_else(|_| proxy::net::limits::nofile_limit())
 }
 
 const MODES: [&str; 7] = [
@@ -233,7 +233,7 @@ fn plan_descriptors(args: &RunArgs, external: bool) -> anyhow::Result<usize> {
     if external || args.mode == "direct" {
         return Ok(0);
     }
-    let per_worker = proxy::limits::sessions_for_descriptors(limit).max(1);
+    let per_worker = proxy::net::limits::sessions_for_descriptors(limit).max(1);
     let required = conns.div_ceil(per_worker) as usize;
     match args.workers {
         Some(workers) if (workers as usize) < required => {

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use proxy::client;
-use proxy::handshake::TargetAddr;
-use proxy::reply::ReplyCode;
+use proxy::socks5::client;
+use proxy::socks5::handshake::TargetAddr;
+use proxy::socks5::reply::ReplyCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit};

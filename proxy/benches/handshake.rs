@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use proxy::auth::UserDb;
-use proxy::client;
-use proxy::handshake::{Handshake, Step, TargetAddr};
+use proxy::socks5::auth::UserDb;
+use proxy::socks5::client;
+use proxy::socks5::handshake::{Handshake, Step, TargetAddr};
 
 fn wire(auth: bool, target: &TargetAddr) -> Vec<u8> {
     let mut wire = client::encode_greeting(&[if auth { 2 } else { 0 }]);

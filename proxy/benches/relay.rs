@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use proxy::handshake::TargetAddr;
-use proxy::{client, Config, Mode};
+use proxy::socks5::client;
+use proxy::socks5::handshake::TargetAddr;
+use proxy::{Config, Mode};
 
 const SIZE: usize = 64 << 20;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::auth::UserDb;
+use crate::socks5::auth::UserDb;
 
 /// Everything a server mode needs to know besides its listener.
 #[derive(Debug, Clone)]

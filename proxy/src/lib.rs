@@ -4,20 +4,12 @@
 //! A program binds a listener and calls [`modes::run`] with a [`Config`], a [`Mode`] and a
 //! [`Shutdown`] trigger; or, inside a tokio runtime, [`modes::async_tokio::serve`].
 
-pub mod auth;
-pub mod client;
 pub mod config;
-pub mod handshake;
-pub mod limits;
-pub mod listener;
 pub mod modes;
+pub mod net;
 pub mod relay;
-pub mod reply;
-pub mod resolver;
-pub mod session;
 pub mod shutdown;
-mod sys;
-pub mod udp;
+pub mod socks5;
 pub mod workers;
 
 pub use config::{Acl, Config};

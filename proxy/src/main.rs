@@ -12,9 +12,10 @@ use clap::Parser;
 use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
 
-use proxy::auth::UserDb;
 use proxy::config::{parse_cidr, parse_duration, parse_size};
-use proxy::{limits, listener, modes, workers, Acl, Config, Mode, Shutdown};
+use proxy::net::{limits, listener};
+use proxy::socks5::auth::UserDb;
+use proxy::{modes, workers, Acl, Config, Mode, Shutdown};
 
 /// A SOCKS5 proxy server (RFC 1928 CONNECT in every mode, BIND and UDP ASSOCIATE in `async`;
 /// RFC 1929 username/password).

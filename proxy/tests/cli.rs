@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use proxy::handshake::TargetAddr;
-use proxy::reply::ReplyCode;
+use proxy::socks5::handshake::TargetAddr;
+use proxy::socks5::reply::ReplyCode;
 use rustix::process::Signal;
 
 /// Runs the binary to completion and returns (exit code, stderr).
@@ -240,7 +240,7 @@ fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
         let before = cpu_ticks(pid);
         for _ in 0..100 {
             let mut knock = connect(proxy.addr);
-            let _ = knock.write_all(&proxy::client::encode_greeting(&[0]));
+            let _ = knock.write_all(&proxy::socks5::client::encode_greeting(&[0]));
             let mut byte = [0u8; 1];
             if let Err(err) = std::io::Read::read(&mut knock, &mut byte) {
                 assert!(
@@ -354,7 +354,7 @@ fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(
 
         // A client that is not listed: closed before any reply.
         let mut unlisted = connect(proxy.addr);
-        let _ = unlisted.write_all(&proxy::client::encode_greeting(&[2]));
+        let _ = unlisted.write_all(&proxy::socks5::client::encode_greeting(&[2]));
         assert!(
             closed_without_data(&mut unlisted),
             "{mode}: unlisted client"
@@ -373,15 +373,15 @@ fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(
             let mut stream = std::net::TcpStream::from(socket);
             stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
             stream
-                .write_all(&proxy::client::encode_greeting(&[2]))
+                .write_all(&proxy::socks5::client::encode_greeting(&[2]))
                 .expect("greeting");
             assert_eq!(read_exact(&mut stream, 2).expect("method"), [5, 2]);
             stream
-                .write_all(&proxy::client::encode_auth("alice", "s3cret"))
+                .write_all(&proxy::socks5::client::encode_auth("alice", "s3cret"))
                 .expect("auth");
             assert_eq!(read_exact(&mut stream, 2).expect("auth reply"), [1, 0]);
             let mut request = Vec::new();
-            proxy::client::encode_request(1, target, &mut request);
+            proxy::socks5::client::encode_request(1, target, &mut request);
             stream.write_all(&request).expect("request");
             let (code, _) = read_reply(&mut stream).expect("reply");
             assert_eq!(code, ReplyCode::NotAllowed, "{mode}: {target:?}");

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use proxy::auth::UserDb;
 use proxy::config::parse_cidr;
-use proxy::handshake::TargetAddr;
-use proxy::reply::ReplyCode;
+use proxy::socks5::auth::UserDb;
+use proxy::socks5::handshake::TargetAddr;
+use proxy::socks5::reply::ReplyCode;
 use proxy::{Acl, Config};
 use sha2::{Digest, Sha256};
 
@@ -87,8 +87,8 @@ fn pipelined_greeting_request_and_data_in_one_write() {
     for mode in all_modes() {
         let server = TestServer::start(mode, Config::default());
         let mut stream = connect(server.addr);
-        let mut wire = proxy::client::encode_greeting(&[0]);
-        proxy::client::encode_request(1, &TargetAddr::Ip(echo.addr), &mut wire);
+        let mut wire = proxy::socks5::client::encode_greeting(&[0]);
+        proxy::socks5::client::encode_request(1, &TargetAddr::Ip(echo.addr), &mut wire);
         wire.extend_from_slice(b"early data");
         stream.write_all(&wire).expect("write");
         assert_eq!(read_exact(&mut stream, 2).expect("method"), [5, 0]);
@@ -109,9 +109,9 @@ fn greeting_and_request_split_byte_by_byte() {
         let server = TestServer::start(mode, with_users());
         let mut stream = connect(server.addr);
         stream.set_nodelay(true).expect("nodelay");
-        let mut wire = proxy::client::encode_greeting(&[0, 2]);
-        wire.extend(proxy::client::encode_auth("bob", "hunter2"));
-        proxy::client::encode_request(1, &TargetAddr::Ip(echo.addr), &mut wire);
+        let mut wire = proxy::socks5::client::encode_greeting(&[0, 2]);
+        wire.extend(proxy::socks5::client::encode_auth("bob", "hunter2"));
+        proxy::socks5::client::encode_request(1, &TargetAddr::Ip(echo.addr), &mut wire);
         for byte in &wire {
             stream.write_all(&[*byte]).expect("write");
         }
@@ -141,7 +141,7 @@ fn username_password_accepts_listed_users_only() {
             stream.write_all(&[5, 1, 2]).expect("greeting");
             assert_eq!(read_exact(&mut stream, 2).expect("method"), [5, 2]);
             stream
-                .write_all(&proxy::client::encode_auth(name, password))
+                .write_all(&proxy::socks5::client::encode_auth(name, password))
                 .expect("auth");
             assert_eq!(
                 read_exact(&mut stream, 2).expect("status"),

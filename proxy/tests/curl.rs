@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
-use proxy::auth::UserDb;
+use proxy::socks5::auth::UserDb;
 use proxy::Config;
 
 const BODY: &str = "hello from the loopback web server\n";

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use proxy::handshake::TargetAddr;
-use proxy::reply::ReplyCode;
+use proxy::socks5::handshake::TargetAddr;
+use proxy::socks5::reply::ReplyCode;
 
 /// A size field (in KiB) of /proc/<pid>/status, such as "VmRSS" or "VmSize"; 0 if unreadable.
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -171,8 +171,12 @@ fn slowloris_clients_are_closed_and_do_not_block_others() {
 #[test]
 fn garbage_and_truncated_messages_are_closed_cleanly() {
     let echo = Target::echo("127.0.0.1:0");
-    let mut wire = proxy::client::encode_greeting(&[0]);
-    proxy::client::encode_request(1, &proxy::handshake::TargetAddr::Ip(echo.addr), &mut wire);
+    let mut wire = proxy::socks5::client::encode_greeting(&[0]);
+    proxy::socks5::client::encode_request(
+        1,
+        &proxy::socks5::handshake::TargetAddr::Ip(echo.addr),
+        &mut wire,
+    );
     for mode in all_modes() {
         let proxy = ProxyProcess::start(&[
             "--mode",
@@ -414,7 +418,7 @@ fn a_target_that_never_reads_does_not_grow_the_proxy() {
 fn sigterm_drains_a_thousand_sessions_and_exits_0() {
     use rustix::process::Signal;
     // Two descriptors per session in this process too (client and echo side).
-    proxy::limits::raise_nofile_limit().expect("raise the descriptor limit");
+    proxy::net::limits::raise_nofile_limit().expect("raise the descriptor limit");
     let echo = Target::echo("127.0.0.1:0");
     for mode in all_modes() {
         let count = if mode.name() == "select" { 400 } else { 1000 };

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use proxy::auth::UserDb;
-use proxy::client;
-use proxy::handshake::{Handshake, Step, TargetAddr};
+use proxy::socks5::auth::UserDb;
+use proxy::socks5::client;
+use proxy::socks5::handshake::{Handshake, Step, TargetAddr};
 
 /// What a handshake did with some input: the bytes it wrote and where it stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,10 +131,10 @@ proptest! {
                 Step::Request(request) => {
                     let mut encoded = Vec::new();
                     let command = match request.command {
-                        proxy::handshake::Command::Connect => 1,
-                        proxy::handshake::Command::Bind => 2,
-                        proxy::handshake::Command::UdpAssociate => 3,
-                        proxy::handshake::Command::Unknown(c) => c,
+                        proxy::socks5::handshake::Command::Connect => 1,
+                        proxy::socks5::handshake::Command::Bind => 2,
+                        proxy::socks5::handshake::Command::UdpAssociate => 3,
+                        proxy::socks5::handshake::Command::Unknown(c) => c,
                     };
                     client::encode_request(command, &request.target, &mut encoded);
                     prop_assert!(i + 1 >= encoded.len());

@@ -17,13 +17,12 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 
-pub mod async_commands;
 pub mod async_tokio;
-pub mod event_loop;
-pub mod poller;
+pub mod readiness;
 pub mod threads;
 
-use poller::{EpollPoller, PollPoller, Poller, SelectPoller};
+use readiness::event_loop;
+use readiness::poller::{EpollPoller, PollPoller, Poller, SelectPoller};
 
 /// A concurrency model for the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -89,7 +88,7 @@ pub fn run(
         .unwrap_or_else(|| mode.default_threads())
         .max(1);
     // Held from the start, so that even the first connection past the limit is refused cleanly.
-    crate::limits::replenish_reserve();
+    crate::net::limits::replenish_reserve();
     match mode {
         Mode::Async => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

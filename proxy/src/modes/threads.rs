@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
 use crate::config::Config;
-use crate::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
-use crate::limits::{self, BurstLog};
+use crate::net::connect::{self, SessionError};
+use crate::net::limits::{self, BurstLog};
+use crate::net::resolver::Resolver;
 use crate::relay::{self, Pipe, PipeState, ReadUntil};
-use crate::reply::Failure;
-use crate::resolver::Resolver;
-use crate::session::{self, SessionError};
 use crate::shutdown::Shutdown;
+use crate::socks5::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
+use crate::socks5::reply::Failure;
 
 /// Default stack per session thread: the handshake, a 16 KiB relay buffer and logging fit with
 /// room to spare (debug builds included), and only touched pages cost memory.
@@ -315,7 +315,7 @@ fn serve_session(
             );
             tracing::info!(target = %request.target, "request failed: {failure}");
             return Err(SessionError::Handshake(
-                crate::handshake::HandshakeError::Request(failure),
+                crate::socks5::handshake::HandshakeError::Request(failure),
             ));
         }
     };
@@ -370,9 +370,9 @@ fn connect(
         if !config.acl.dest_allowed(addr.ip()) {
             continue;
         }
-        let stream = session::start_connect(addr)?;
+        let stream = connect::start_connect(addr)?;
         match wait_ready(&stream, PollFlags::OUT, deadline, stop) {
-            Ok(()) => match session::connect_result(&stream) {
+            Ok(()) => match connect::connect_result(&stream) {
                 Ok(()) => return Ok(stream),
                 Err(failure) => last = failure,
             },

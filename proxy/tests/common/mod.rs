@@ -10,9 +10,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use clap::ValueEnum;
-use proxy::client;
-use proxy::handshake::TargetAddr;
-use proxy::reply::ReplyCode;
+use proxy::socks5::client;
+use proxy::socks5::handshake::TargetAddr;
+use proxy::socks5::reply::ReplyCode;
 use proxy::{Config, Mode, Shutdown};
 
 /// Every socket read in a test gives up after this long, so a bug fails instead of hanging.

@@ -96,7 +96,7 @@ impl Failure {
 
     /// Classifies an error from creating or connecting the outgoing socket.
     pub fn from_connect_error(err: &io::Error) -> Self {
-        if crate::limits::is_resource_exhaustion(err) {
+        if crate::net::limits::is_resource_exhaustion(err) {
             return Failure::ResourceExhausted;
         }
         match err.kind() {

@@ -7,8 +7,8 @@ use std::os::fd::AsFd;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use thiserror::Error;
 
-use crate::handshake::HandshakeError;
-use crate::reply::Failure;
+use crate::socks5::handshake::HandshakeError;
+use crate::socks5::reply::Failure;
 
 /// The end of a session before or during its relay.
 #[derive(Debug, Error)]
@@ -35,7 +35,7 @@ pub fn start_connect(addr: SocketAddr) -> Result<TcpStream, Failure> {
     } else {
         AddressFamily::INET6
     };
-    let socket = crate::limits::new_descriptor(|| {
+    let socket = crate::net::limits::new_descriptor(|| {
         rustix::net::socket_with(
             family,
             SocketType::STREAM,

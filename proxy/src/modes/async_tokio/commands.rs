@@ -10,11 +10,10 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::Config;
-use crate::handshake::{Handshake, Request, TargetAddr};
-use crate::limits;
-use crate::modes::async_tokio;
-use crate::reply::Failure;
-use crate::udp::{encode_datagram, parse_datagram};
+use crate::net::limits;
+use crate::socks5::handshake::{Handshake, Request, TargetAddr};
+use crate::socks5::reply::Failure;
+use crate::socks5::udp::{encode_datagram, parse_datagram};
 
 /// How long a UDP association may stay without a datagram when no `--idle-timeout` is set.
 pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(120);
@@ -102,7 +101,7 @@ pub async fn bind(
     out.clear();
     let deadline = Instant::now() + config.connect_timeout;
     let (inbound, from) = loop {
-        match timeout_at(deadline, async_tokio::accept(&listener)).await {
+        match timeout_at(deadline, super::accept(&listener)).await {
             Err(_) => {
                 fail(&mut client, &mut handshake, Failure::ConnectTimeout, peer).await;
                 return None;

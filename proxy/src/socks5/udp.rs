@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use thiserror::Error;
 
-use crate::handshake::{encode_socket_addr, TargetAddr, ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6};
+use crate::socks5::handshake::{encode_socket_addr, TargetAddr, ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6};
 
 /// Why a datagram from the client is dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]

@@ -2,10 +2,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::handshake::{
+use crate::socks5::handshake::{
     TargetAddr, ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6, AUTH_VERSION, SOCKS_VERSION,
 };
-use crate::reply::ReplyCode;
+use crate::socks5::reply::ReplyCode;
 
 /// A server reply that cannot be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

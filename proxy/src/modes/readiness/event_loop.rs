@@ -22,13 +22,13 @@ use rustix::event::{eventfd, EventfdFlags};
 use slab::Slab;
 
 use crate::config::Config;
-use crate::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
-use crate::limits::{self, BurstLog};
-use crate::modes::poller::{Event, Interest, Poller, Token};
+use crate::modes::readiness::poller::{Event, Interest, Poller, Token};
+use crate::net::limits::{self, BurstLog};
+use crate::net::resolver::Resolver;
 use crate::relay::{self, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
-use crate::reply::Failure;
-use crate::resolver::Resolver;
 use crate::shutdown::Shutdown;
+use crate::socks5::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
+use crate::socks5::reply::Failure;
 
 static CONNECT_EXHAUSTED: BurstLog =
     BurstLog::new("cannot create an outgoing socket; replying 0x01");
@@ -785,7 +785,7 @@ fn advance_connect(
         if !target_writable {
             return Some(Outcome::Wait);
         }
-        match crate::session::connect_result(target).and_then(|()| {
+        match crate::net::connect::connect_result(target).and_then(|()| {
             target
                 .local_addr()
                 .map_err(|err| Failure::from_connect_error(&err))
@@ -832,7 +832,7 @@ fn advance_connect(
 
 /// Starts a non-blocking connect to `addr`, refusing descriptors the poller cannot watch.
 fn start_connect(addr: SocketAddr, poller: &impl Poller) -> Result<TcpStream, Failure> {
-    let stream = crate::session::start_connect(addr).inspect_err(|failure| {
+    let stream = crate::net::connect::start_connect(addr).inspect_err(|failure| {
         if *failure == Failure::ResourceExhausted {
             CONNECT_EXHAUSTED.hit(&failure);
         }

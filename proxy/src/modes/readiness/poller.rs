@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rustix::event::{epoll, FdSetElement, PollFlags, Timespec};
 
-use crate::sys::{self, FD_SETSIZE};
+use super::sys::{self, FD_SETSIZE};
 
 /// Identifies what a readiness event is about.
 pub type Token = u64;

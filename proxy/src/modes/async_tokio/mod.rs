@@ -21,13 +21,14 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::config::{Acl, Config};
-use crate::handshake::{Command, Handshake, Request, Step, TargetAddr, MAX_MESSAGE_LEN};
-use crate::limits::{self, BurstLog};
-use crate::modes::async_commands;
+use crate::net::connect::SessionError;
+use crate::net::limits::{self, BurstLog};
 use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
-use crate::reply::Failure;
-use crate::session::SessionError;
 use crate::shutdown::Shutdown;
+use crate::socks5::handshake::{Command, Handshake, Request, Step, TargetAddr, MAX_MESSAGE_LEN};
+use crate::socks5::reply::Failure;
+
+mod commands;
 
 static CONNECT_EXHAUSTED: BurstLog =
     BurstLog::new("out of descriptors for outgoing connections; replying 0x01");
@@ -156,11 +157,9 @@ async fn establish(
         }
     };
     match request.command {
-        Command::Bind => {
-            return async_commands::bind(client, handshake, request, peer, config).await
-        }
+        Command::Bind => return commands::bind(client, handshake, request, peer, config).await,
         Command::UdpAssociate => {
-            async_commands::udp_associate(client, handshake, request, peer, config).await;
+            commands::udp_associate(client, handshake, request, peer, config).await;
             return None;
         }
         Command::Connect | Command::Unknown(_) => {}

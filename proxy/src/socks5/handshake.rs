@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::auth::UserDb;
-use crate::reply::{Failure, ReplyCode};
+use crate::socks5::auth::UserDb;
+use crate::socks5::reply::{Failure, ReplyCode};
 
 /// SOCKS protocol version 5.
 pub const SOCKS_VERSION: u8 = 0x05;
@@ -498,7 +498,7 @@ fn parse_request(input: &[u8]) -> Result<Parsed<(Command, TargetAddr)>, Failure>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client;
+    use crate::socks5::client;
 
     fn users() -> Option<Arc<UserDb>> {
         let mut db = UserDb::default();
