@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use proxy::socks5::client;
-use proxy::socks5::handshake::TargetAddr;
+use proxy::socks5::TargetAddr;
 use proxy::socks5::udp::{encode_datagram, parse_datagram};
 
 fuzz_target!(|data: &[u8]| {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use proxy::socks5::auth::UserDb;
-use proxy::socks5::handshake::{Handshake, Step};
-use proxy::socks5::reply::Failure;
+use proxy::socks5::{Handshake, HandshakeError, Step};
+use proxy::socks5::Failure;
 
 /// The bytes written, where the machine stopped, and the bytes left for the relay.
 fn run(users: Option<Arc<UserDb>>, input: &[u8], pieces: &[u8]) -> (Vec<u8>, Step, Vec<u8>) {
@@ -42,8 +42,8 @@ fn run(users: Option<Arc<UserDb>>, input: &[u8], pieces: &[u8]) -> (Vec<u8>, Ste
         leftover = handshake.take_leftover();
         leftover.extend_from_slice(&input[start..]);
         let mut failed = Vec::new();
-        let after = handshake.connect_failed(Failure::ConnectionRefused, &mut failed);
-        assert!(matches!(after, Step::Close(_)));
+        let after = handshake.request_failed(Failure::ConnectionRefused, &mut failed);
+        assert_eq!(after, HandshakeError::Request(Failure::ConnectionRefused));
         assert_eq!(failed.get(1), Some(&0x05));
     }
     if let Step::Close(_) = step {

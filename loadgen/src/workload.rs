@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use proxy::socks5::client;
-use proxy::socks5::handshake::TargetAddr;
-use proxy::socks5::reply::ReplyCode;
+use proxy::socks5::Command;
+use proxy::socks5::ReplyCode;
+use proxy::socks5::TargetAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit};
@@ -245,7 +246,7 @@ async fn dial(id: usize, plan: &Plan) -> Result<TcpStream, String> {
         }
     }
     let mut request = Vec::with_capacity(32);
-    client::encode_request(1, &TargetAddr::Ip(echo), &mut request);
+    client::encode_request(Command::Connect, &TargetAddr::Ip(echo), &mut request);
     stream.write_all(&request).await.map_err(io)?;
     let mut reply = Vec::with_capacity(22);
     let mut byte = [0u8; 1];

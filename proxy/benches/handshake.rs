@@ -7,14 +7,15 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use proxy::socks5::auth::UserDb;
 use proxy::socks5::client;
-use proxy::socks5::handshake::{Handshake, Step, TargetAddr};
+use proxy::socks5::Command;
+use proxy::socks5::{Handshake, Step, TargetAddr};
 
 fn wire(auth: bool, target: &TargetAddr) -> Vec<u8> {
     let mut wire = client::encode_greeting(&[if auth { 2 } else { 0 }]);
     if auth {
         wire.extend(client::encode_auth("alice", "correct horse battery staple"));
     }
-    client::encode_request(1, target, &mut wire);
+    client::encode_request(Command::Connect, target, &mut wire);
     wire
 }
 
@@ -25,7 +26,7 @@ fn complete(users: Option<Arc<UserDb>>, wire: &[u8], chunk: usize) -> usize {
         handshake.receive(piece);
         if let Step::Request(_) = handshake.step(&mut out) {
             let bound: SocketAddr = ([127, 0, 0, 1], 40000).into();
-            handshake.connect_succeeded(bound, &mut out);
+            handshake.request_granted(bound, &mut out).expect("granted");
             return out.len();
         }
     }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::ValueEnum;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use proxy::socks5::client;
-use proxy::socks5::handshake::TargetAddr;
+use proxy::socks5::Command;
+use proxy::socks5::TargetAddr;
 use proxy::{Config, Mode};
 
 const SIZE: usize = 64 << 20;
@@ -51,7 +52,7 @@ fn transfer(proxy: SocketAddr, target: SocketAddr, payload: &[u8]) {
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     let mut hello = client::encode_greeting(&[0]);
-    client::encode_request(1, &TargetAddr::Ip(target), &mut hello);
+    client::encode_request(Command::Connect, &TargetAddr::Ip(target), &mut hello);
     stream.write_all(&hello).expect("handshake");
     let mut reply = [0u8; 12];
     stream.read_exact(&mut reply).expect("reply");

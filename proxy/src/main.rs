@@ -14,7 +14,6 @@ use tracing_subscriber::EnvFilter;
 
 use proxy::config::{parse_cidr, parse_duration, parse_size};
 use proxy::net::{limits, listener};
-use proxy::socks5::auth::UserDb;
 use proxy::{modes, workers, Acl, Config, Mode, Shutdown};
 
 /// A SOCKS5 proxy server (RFC 1928 CONNECT in every mode, BIND and UDP ASSOCIATE in `async`;
@@ -138,38 +137,8 @@ fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_users(args: &Args) -> anyhow::Result<Option<Arc<UserDb>>> {
-    if args.users.is_empty() && args.users_file.is_none() {
-        return Ok(None);
-    }
-    let mut users = UserDb::default();
-    for spec in &args.users {
-        users.add_spec(spec).context("bad --user")?;
-    }
-    if let Some(path) = &args.users_file {
-        users.load_file(path)?;
-        warn_if_readable_by_others(path);
-    }
-    if users.is_empty() {
-        bail!("the users file has no users");
-    }
-    Ok(Some(Arc::new(users)))
-}
-
-fn warn_if_readable_by_others(path: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o004 != 0 {
-            tracing::warn!(
-                "users file {} is readable by every user on this machine; chmod o-r it",
-                path.display()
-            );
-        }
-    }
-}
-
 fn start(args: Args) -> anyhow::Result<()> {
-    let users = load_users(&args)?;
+    let users = proxy::config::users::load(&args.users, args.users_file.as_deref())?;
     let config = Arc::new(Config {
         users,
         acl: Acl {

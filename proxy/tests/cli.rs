@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use proxy::socks5::handshake::TargetAddr;
-use proxy::socks5::reply::ReplyCode;
+use proxy::socks5::ReplyCode;
+use proxy::socks5::TargetAddr;
 use rustix::process::Signal;
 
 /// Runs the binary to completion and returns (exit code, stderr).
@@ -381,7 +381,11 @@ fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(
                 .expect("auth");
             assert_eq!(read_exact(&mut stream, 2).expect("auth reply"), [1, 0]);
             let mut request = Vec::new();
-            proxy::socks5::client::encode_request(1, target, &mut request);
+            proxy::socks5::client::encode_request(
+                proxy::socks5::Command::Connect,
+                target,
+                &mut request,
+            );
             stream.write_all(&request).expect("request");
             let (code, _) = read_reply(&mut stream).expect("reply");
             assert_eq!(code, ReplyCode::NotAllowed, "{mode}: {target:?}");

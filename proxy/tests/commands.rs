@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use proxy::config::parse_cidr;
-use proxy::socks5::handshake::TargetAddr;
-use proxy::socks5::reply::ReplyCode;
 use proxy::socks5::udp::{encode_datagram, parse_datagram};
+use proxy::socks5::ReplyCode;
+use proxy::socks5::{Command, TargetAddr};
 use proxy::{Acl, Config, Mode};
 
 fn modes_with_commands() -> Vec<Mode> {
@@ -31,7 +31,7 @@ fn request(
     stream.write_all(&[5, 1, 0]).expect("greeting");
     assert_eq!(read_exact(&mut stream, 2).expect("method"), [5, 0]);
     let mut wire = Vec::new();
-    proxy::socks5::client::encode_request(command, target, &mut wire);
+    proxy::socks5::client::encode_request(Command::from_byte(command), target, &mut wire);
     stream.write_all(&wire).expect("request");
     let (code, bound) = read_reply(&mut stream).expect("reply");
     (stream, code, bound)

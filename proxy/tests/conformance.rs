@@ -11,8 +11,9 @@ use std::time::Duration;
 use common::*;
 use proxy::config::parse_cidr;
 use proxy::socks5::auth::UserDb;
-use proxy::socks5::handshake::TargetAddr;
-use proxy::socks5::reply::ReplyCode;
+use proxy::socks5::Command;
+use proxy::socks5::ReplyCode;
+use proxy::socks5::TargetAddr;
 use proxy::{Acl, Config};
 use sha2::{Digest, Sha256};
 
@@ -88,7 +89,11 @@ fn pipelined_greeting_request_and_data_in_one_write() {
         let server = TestServer::start(mode, Config::default());
         let mut stream = connect(server.addr);
         let mut wire = proxy::socks5::client::encode_greeting(&[0]);
-        proxy::socks5::client::encode_request(1, &TargetAddr::Ip(echo.addr), &mut wire);
+        proxy::socks5::client::encode_request(
+            Command::Connect,
+            &TargetAddr::Ip(echo.addr),
+            &mut wire,
+        );
         wire.extend_from_slice(b"early data");
         stream.write_all(&wire).expect("write");
         assert_eq!(read_exact(&mut stream, 2).expect("method"), [5, 0]);
@@ -111,7 +116,11 @@ fn greeting_and_request_split_byte_by_byte() {
         stream.set_nodelay(true).expect("nodelay");
         let mut wire = proxy::socks5::client::encode_greeting(&[0, 2]);
         wire.extend(proxy::socks5::client::encode_auth("bob", "hunter2"));
-        proxy::socks5::client::encode_request(1, &TargetAddr::Ip(echo.addr), &mut wire);
+        proxy::socks5::client::encode_request(
+            Command::Connect,
+            &TargetAddr::Ip(echo.addr),
+            &mut wire,
+        );
         for byte in &wire {
             stream.write_all(&[*byte]).expect("write");
         }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use proxy::socks5::handshake::TargetAddr;
-use proxy::socks5::reply::ReplyCode;
+use proxy::socks5::ReplyCode;
+use proxy::socks5::TargetAddr;
 
 /// A size field (in KiB) of /proc/<pid>/status, such as "VmRSS" or "VmSize"; 0 if unreadable.
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -173,8 +173,8 @@ fn garbage_and_truncated_messages_are_closed_cleanly() {
     let echo = Target::echo("127.0.0.1:0");
     let mut wire = proxy::socks5::client::encode_greeting(&[0]);
     proxy::socks5::client::encode_request(
-        1,
-        &proxy::socks5::handshake::TargetAddr::Ip(echo.addr),
+        proxy::socks5::Command::Connect,
+        &proxy::socks5::TargetAddr::Ip(echo.addr),
         &mut wire,
     );
     for mode in all_modes() {

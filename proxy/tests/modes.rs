@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use proxy::socks5::handshake::TargetAddr;
-use proxy::socks5::reply::ReplyCode;
+use proxy::socks5::ReplyCode;
+use proxy::socks5::TargetAddr;
 use rustix::process::Signal;
 
 /// select cannot watch descriptors ≥ 1024: sessions beyond the wall are refused cleanly, the

@@ -19,6 +19,7 @@ use crate::shutdown::Shutdown;
 
 pub mod async_tokio;
 pub mod readiness;
+pub mod session;
 pub mod threads;
 
 use readiness::event_loop;

@@ -14,14 +14,16 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
+use super::session::{self, Dialer, SessionError, EXHAUSTION_BACKOFF};
 use crate::config::Config;
-use crate::net::connect::{self, SessionError};
-use crate::net::limits::{self, BurstLog};
+use crate::net::connect;
+use crate::net::limits;
 use crate::net::resolver::Resolver;
+use crate::net::BurstLog;
 use crate::relay::{self, Pipe, PipeState, ReadUntil};
 use crate::shutdown::Shutdown;
-use crate::socks5::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
-use crate::socks5::reply::Failure;
+use crate::socks5::wire::MAX_MESSAGE_LEN;
+use crate::socks5::{Command, Failure, Handshake, Step, TargetAddr};
 
 /// Default stack per session thread: the handshake, a 16 KiB relay buffer and logging fit with
 /// room to spare (debug builds included), and only touched pages cost memory.
@@ -31,10 +33,6 @@ pub const DEFAULT_STACK_SIZE: usize = 128 * 1024;
 const THREAD_SCRATCH: usize = 16 * 1024;
 
 static SPAWN_FAILED: BurstLog = BurstLog::new("cannot start a session thread; refusing newcomers");
-static OVER_MAX_SESSIONS: BurstLog = BurstLog::new("--max-sessions reached; refusing newcomers");
-
-/// How long accepting pauses after running out of descriptors or threads.
-const EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Counts live session threads so shutdown can wait for them.
 #[derive(Default)]
@@ -141,13 +139,9 @@ pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io
     }
     drop(listener);
     if live.count() > 0 {
-        tracing::info!(
-            "shutting down: waiting up to {:?} for {} sessions",
-            config.grace,
-            live.count()
-        );
+        session::log_draining(config.grace, live.count());
         if !live.wait_empty(Instant::now() + config.grace) {
-            tracing::warn!("grace period over; closing {} sessions", live.count());
+            session::log_grace_over(live.count());
             // The stop descriptor stays readable: every session thread sees it and returns.
             let _ = rustix::io::write(&*stop_sessions, &1u64.to_ne_bytes());
             live.wait_empty(Instant::now() + Duration::from_secs(5));
@@ -166,12 +160,7 @@ fn spawn_session(
     stop: &Arc<OwnedFd>,
     stack_size: usize,
 ) -> bool {
-    if !config.acl.client_allowed(peer.ip()) {
-        tracing::info!(%peer, "client not allowed; closed");
-        return true;
-    }
-    if config.max_sessions.is_some_and(|max| live.count() >= max) {
-        OVER_MAX_SESSIONS.hit(&format_args!("closed {peer}"));
+    if !session::admit(config, peer, live.count()) {
         return true;
     }
     live.add(1);
@@ -287,7 +276,6 @@ fn serve_session(
             }
             Step::Request(request) => break request,
             Step::Close(err) => return Err(err.into()),
-            Step::Relay => return Err(SessionError::Protocol("relay before request")),
         }
     };
     let deadline = Instant::now() + config.connect_timeout;
@@ -297,29 +285,22 @@ fn serve_session(
         // BIND and UDP ASSOCIATE are served by the async mode only.
         Err(Failure::CommandNotSupported)
     };
-    let outcome = outcome.and_then(|target| {
-        let bound = target
-            .local_addr()
-            .map_err(|err| Failure::from_connect_error(&err))?;
-        Ok((target, bound))
-    });
-    let (target, bound) = match outcome {
+    let outcome = outcome.and_then(|target| Ok((connect::bound_addr(&target)?, target)));
+    let (bound, target) = match outcome {
         Ok(connected) => connected,
         Err(failure) => {
-            handshake.connect_failed(failure, &mut out);
+            let err = handshake.request_failed(failure, &mut out);
             let _ = write_all(
                 &client,
                 &out,
                 Instant::now() + config.handshake_timeout,
                 stop,
             );
-            tracing::info!(target = %request.target, "request failed: {failure}");
-            return Err(SessionError::Handshake(
-                crate::socks5::handshake::HandshakeError::Request(failure),
-            ));
+            session::log_request_failed(None, &request.target, failure);
+            return Err(err.into());
         }
     };
-    handshake.connect_succeeded(bound, &mut out);
+    handshake.request_granted(bound, &mut out)?;
     write_all(
         &client,
         &out,
@@ -359,22 +340,35 @@ fn connect(
                 }),
             );
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
-                Ok(_) => return Err(Failure::DnsFailure),
+                Ok(Ok(addrs)) => addrs,
+                Ok(Err(_)) => return Err(Failure::DnsFailure),
                 Err(_) => return Err(Failure::ConnectTimeout),
             }
         }
     };
-    let mut last = Failure::DeniedByRule;
-    for addr in addrs {
-        if !config.acl.dest_allowed(addr.ip()) {
-            continue;
-        }
-        let stream = connect::start_connect(addr)?;
+    connect_first(Dialer::new(addrs), config, deadline, stop)
+}
+
+/// Connects to the first address the dialer yields that answers, each connect waited for in
+/// poll(2), all before `deadline`.
+fn connect_first(
+    mut dialer: Dialer,
+    config: &Config,
+    deadline: Instant,
+    stop: &OwnedFd,
+) -> Result<TcpStream, Failure> {
+    while let Some(addr) = dialer.next_allowed(&config.acl) {
+        let stream = match connect::start_connect(addr) {
+            Ok(stream) => stream,
+            Err(failure) => {
+                dialer.failed(failure);
+                continue;
+            }
+        };
         match wait_ready(&stream, PollFlags::OUT, deadline, stop) {
             Ok(()) => match connect::connect_result(&stream) {
                 Ok(()) => return Ok(stream),
-                Err(failure) => last = failure,
+                Err(failure) => dialer.failed(failure),
             },
             Err(err) if err.kind() == io::ErrorKind::TimedOut => {
                 return Err(Failure::ConnectTimeout)
@@ -382,7 +376,7 @@ fn connect(
             Err(_) => return Err(Failure::Other),
         }
     }
-    Err(last)
+    Err(dialer.failure())
 }
 
 /// Relays with the shared pipes, sleeping in poll(2) on the two sockets between bursts.
@@ -482,12 +476,38 @@ fn relay(
             break Err(stopping());
         }
     };
-    if let Err(err) = &result {
-        if relay::is_peer_reset(err) {
-            for socket in [client, target] {
-                let _ = rustix::net::sockopt::set_socket_linger(socket, Some(Duration::ZERO));
-            }
-        }
+    if result.as_ref().is_err_and(relay::is_peer_reset) {
+        session::pass_reset_on(&[client, target]);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_cidr, Acl};
+
+    #[test]
+    fn connect_goes_past_denied_and_failing_addresses() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let open = listener.local_addr().expect("addr");
+        let config = Config {
+            acl: Acl {
+                deny_dests: vec![parse_cidr("127.0.0.2").expect("cidr")],
+                ..Acl::default()
+            },
+            ..Config::default()
+        };
+        let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("eventfd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // [denied, fails at once (broadcast: ENETUNREACH from connect itself), ok].
+        let addrs = vec![
+            SocketAddr::new("127.0.0.2".parse().expect("ip"), open.port()),
+            "255.255.255.255:9".parse().expect("addr"),
+            open,
+        ];
+        let stream = connect_first(Dialer::new(addrs), &config, deadline, &stop)
+            .expect("the third address answers");
+        assert_eq!(stream.peer_addr().expect("peer"), open);
+    }
 }

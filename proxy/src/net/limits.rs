@@ -3,9 +3,9 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, Instant};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::burst_log::BurstLog;
 
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 
@@ -154,47 +154,6 @@ pub fn refuse_on_exhaustion(listener: impl AsFd, err: &io::Error, sessions_open:
     ACCEPT_EXHAUSTED.hit(&format_args!(
         "{err}; {sessions_open} sessions open; refused {refused} waiting"
     ));
-}
-
-/// Logs a recurring condition at most once per interval, with how often it happened since.
-#[derive(Debug)]
-pub struct BurstLog {
-    what: &'static str,
-    interval: Duration,
-    last: Mutex<Option<Instant>>,
-    suppressed: AtomicU64,
-}
-
-impl BurstLog {
-    /// A burst logger for `what`, logging at most once per second.
-    pub const fn new(what: &'static str) -> Self {
-        BurstLog {
-            what,
-            interval: Duration::from_secs(1),
-            last: Mutex::new(None),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one occurrence, logging a warning if none was logged within the interval.
-    pub fn hit(&self, detail: &dyn std::fmt::Display) {
-        let now = Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| now.duration_since(t) < self.interval) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        *last = Some(now);
-        let more = self.suppressed.swap(0, Ordering::Relaxed);
-        if more > 0 {
-            tracing::warn!(
-                "{}: {detail} ({more} more since the last report)",
-                self.what
-            );
-        } else {
-            tracing::warn!("{}: {detail}", self.what);
-        }
-    }
 }
 
 #[cfg(test)]

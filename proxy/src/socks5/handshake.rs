@@ -6,125 +6,17 @@
 //! and bytes the client pipelines after its request are kept for the relay
 //! ([`Handshake::take_leftover`]).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::socks5::auth::UserDb;
-use crate::socks5::reply::{Failure, ReplyCode};
-
-/// SOCKS protocol version 5.
-pub const SOCKS_VERSION: u8 = 0x05;
-/// Username/password sub-negotiation version (RFC 1929).
-pub const AUTH_VERSION: u8 = 0x01;
-/// Method: no authentication required.
-pub const METHOD_NO_AUTH: u8 = 0x00;
-/// Method: username/password (RFC 1929).
-pub const METHOD_USERNAME_PASSWORD: u8 = 0x02;
-/// Method reply meaning "no acceptable methods".
-pub const METHOD_NONE_ACCEPTABLE: u8 = 0xFF;
-/// Address type: IPv4.
-pub const ATYP_IPV4: u8 = 0x01;
-/// Address type: domain name.
-pub const ATYP_DOMAIN: u8 = 0x03;
-/// Address type: IPv6.
-pub const ATYP_IPV6: u8 = 0x04;
-/// The longest handshake message (an RFC 1929 request with 255-byte name and password).
-pub const MAX_MESSAGE_LEN: usize = 1 + 1 + 255 + 1 + 255;
-
-/// A SOCKS5 command (CMD field of a request).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    /// 0x01 CONNECT.
-    Connect,
-    /// 0x02 BIND.
-    Bind,
-    /// 0x03 UDP ASSOCIATE.
-    UdpAssociate,
-    /// Any other value.
-    Unknown(u8),
-}
-
-impl Command {
-    fn from_u8(byte: u8) -> Self {
-        match byte {
-            0x01 => Command::Connect,
-            0x02 => Command::Bind,
-            0x03 => Command::UdpAssociate,
-            other => Command::Unknown(other),
-        }
-    }
-}
-
-/// Where the client asked to go: an address, or a name still to resolve.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum TargetAddr {
-    /// An IPv4 or IPv6 socket address.
-    Ip(SocketAddr),
-    /// A domain name and port.
-    Domain(String, u16),
-}
-
-impl TargetAddr {
-    /// The port the client asked for.
-    pub fn port(&self) -> u16 {
-        match self {
-            TargetAddr::Ip(addr) => addr.port(),
-            TargetAddr::Domain(_, port) => *port,
-        }
-    }
-
-    /// Appends the ATYP, address and port fields as they appear on the wire.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        match self {
-            TargetAddr::Ip(addr) => encode_socket_addr(*addr, out),
-            TargetAddr::Domain(name, port) => {
-                let bytes = name.as_bytes();
-                let len = bytes.len().min(255);
-                out.push(ATYP_DOMAIN);
-                out.push(len as u8);
-                out.extend_from_slice(&bytes[..len]);
-                out.extend_from_slice(&port.to_be_bytes());
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for TargetAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TargetAddr::Ip(addr) => write!(f, "{addr}"),
-            TargetAddr::Domain(name, port) => write!(f, "{name}:{port}"),
-        }
-    }
-}
-
-/// Appends ATYP, address and port for a socket address.
-pub fn encode_socket_addr(addr: SocketAddr, out: &mut Vec<u8>) {
-    match addr.ip() {
-        IpAddr::V4(ip) => {
-            out.push(ATYP_IPV4);
-            out.extend_from_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            out.push(ATYP_IPV6);
-            out.extend_from_slice(&ip.octets());
-        }
-    }
-    out.extend_from_slice(&addr.port().to_be_bytes());
-}
-
-/// Appends a complete reply `VER REP RSV ATYP BND.ADDR BND.PORT`.
-pub fn encode_reply(code: ReplyCode, bound: SocketAddr, out: &mut Vec<u8>) {
-    out.extend_from_slice(&[SOCKS_VERSION, code.as_u8(), 0x00]);
-    encode_socket_addr(bound, out);
-}
-
-/// Appends a failure reply, whose bound address is all zeros.
-pub fn encode_failure_reply(code: ReplyCode, out: &mut Vec<u8>) {
-    encode_reply(code, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), out);
-}
+use super::auth::UserDb;
+use super::reply::{encode_failure_reply, encode_reply, Failure, ReplyCode};
+use super::wire::{
+    AddrError, Command, TargetAddr, AUTH_VERSION, METHOD_NONE_ACCEPTABLE, METHOD_NO_AUTH,
+    METHOD_USERNAME_PASSWORD, SOCKS_VERSION,
+};
 
 /// A parsed request the server must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,22 +50,24 @@ pub enum HandshakeError {
     /// The request failed with this cause (a failure reply was written).
     #[error("request failed: {0}")]
     Request(Failure),
+    /// The caller drove the handshake out of order (stepped it after its request was
+    /// answered, or answered a request it was not asked to carry out).
+    #[error("handshake driven out of order")]
+    OutOfOrder,
 }
 
 /// What the caller must do next.
+#[must_use]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Write any bytes appended to `out`, then read more input.
     NeedInput,
     /// Write any bytes appended to `out`, then carry out this request (CONNECT, BIND or UDP
-    /// ASSOCIATE) and report the outcome: [`Handshake::connect_succeeded`] with the bound
-    /// address (for BIND, after [`Handshake::bind_listening`], with the peer's address), or
-    /// [`Handshake::connect_failed`]. A mode that does not support a command reports
+    /// ASSOCIATE) and answer it: [`Handshake::request_granted`] with the bound address (for
+    /// BIND, after [`Handshake::bind_listening`], with the peer's address), then relay; or
+    /// [`Handshake::request_failed`]. A mode that does not serve a command fails it with
     /// [`Failure::CommandNotSupported`].
     Request(Request),
-    /// Write the bytes appended to `out` (a success reply), then relay; see
-    /// [`Handshake::take_leftover`] for bytes that already arrived for the target.
-    Relay,
     /// Write the bytes appended to `out` (a failure reply, if any), then close.
     Close(HandshakeError),
 }
@@ -233,8 +127,9 @@ impl Handshake {
                 State::Auth => self.on_auth(out),
                 State::Request => self.on_request(out),
                 State::Connecting => return Step::NeedInput,
-                State::Established => return Step::Relay,
-                State::Closed => return Step::Close(HandshakeError::Request(Failure::Other)),
+                State::Established | State::Closed => {
+                    return Step::Close(HandshakeError::OutOfOrder)
+                }
             };
             match progressed {
                 Ok(None) => {}
@@ -248,27 +143,37 @@ impl Handshake {
         }
     }
 
-    /// Records that the outgoing connection exists and appends the success reply, whose
-    /// BND.ADDR/BND.PORT is `bound`, the outgoing socket's local address.
-    pub fn connect_succeeded(&mut self, bound: SocketAddr, out: &mut Vec<u8>) -> Step {
+    /// Grants the request: appends the success reply, whose BND.ADDR/BND.PORT is `bound`
+    /// (CONNECT: the outgoing socket's local address; BIND: the peer that connected; UDP
+    /// ASSOCIATE: the relay socket). The relay may start once it is written.
+    pub fn request_granted(
+        &mut self,
+        bound: SocketAddr,
+        out: &mut Vec<u8>,
+    ) -> Result<(), HandshakeError> {
         if self.state != State::Connecting {
-            return Step::Close(HandshakeError::Request(Failure::Other));
+            return Err(HandshakeError::OutOfOrder);
         }
         encode_reply(ReplyCode::Succeeded, bound, out);
         self.state = State::Established;
-        Step::Relay
+        Ok(())
     }
 
     /// BIND's first reply: the server listens at `listening` for the inbound connection.
-    /// The second reply follows with [`Handshake::connect_succeeded`] and the peer's address.
+    /// The second reply follows with [`Handshake::request_granted`] and the peer's address.
     pub fn bind_listening(&mut self, listening: SocketAddr, out: &mut Vec<u8>) {
         if self.state == State::Connecting {
             encode_reply(ReplyCode::Succeeded, listening, out);
         }
     }
 
-    /// Records that the outgoing connection failed and appends the matching failure reply.
-    pub fn connect_failed(&mut self, failure: Failure, out: &mut Vec<u8>) -> Step {
+    /// Fails the request: appends the failure reply for `failure` and returns why the
+    /// session closes.
+    pub fn request_failed(&mut self, failure: Failure, out: &mut Vec<u8>) -> HandshakeError {
+        if self.state != State::Connecting {
+            self.state = State::Closed;
+            return HandshakeError::OutOfOrder;
+        }
         self.fail_request(failure, out)
     }
 
@@ -277,11 +182,11 @@ impl Handshake {
         std::mem::take(&mut self.input)
     }
 
-    fn fail_request(&mut self, failure: Failure, out: &mut Vec<u8>) -> Step {
+    fn fail_request(&mut self, failure: Failure, out: &mut Vec<u8>) -> HandshakeError {
         encode_failure_reply(failure.reply_code(), out);
         self.state = State::Closed;
         self.input = Vec::new();
-        Step::Close(HandshakeError::Request(failure))
+        HandshakeError::Request(failure)
     }
 
     fn consume(&mut self, n: usize) {
@@ -356,14 +261,15 @@ impl Handshake {
     fn on_request(&mut self, out: &mut Vec<u8>) -> Result<Option<Step>, HandshakeError> {
         match parse_request(&self.input) {
             Ok(Parsed::Incomplete) => Ok(Some(Step::NeedInput)),
-            Err(failure) => Ok(Some(self.fail_request(failure, out))),
+            Err(failure) => Ok(Some(Step::Close(self.fail_request(failure, out)))),
             Ok(Parsed::Done {
                 message: (command, target),
                 consumed,
             }) => {
                 self.consume(consumed);
                 if matches!(command, Command::Unknown(_)) {
-                    return Ok(Some(self.fail_request(Failure::CommandNotSupported, out)));
+                    let err = self.fail_request(Failure::CommandNotSupported, out);
+                    return Ok(Some(Step::Close(err)));
                 }
                 self.state = State::Connecting;
                 Ok(Some(Step::Request(Request {
@@ -437,61 +343,22 @@ fn parse_request(input: &[u8]) -> Result<Parsed<(Command, TargetAddr)>, Failure>
         }
         return Ok(Parsed::Incomplete);
     }
-    let (version, command, reserved, atyp) = (input[0], input[1], input[2], input[3]);
+    let (version, command, reserved) = (input[0], input[1], input[2]);
     if version != SOCKS_VERSION {
         return Err(Failure::Malformed);
     }
-    let addr_start = 4;
-    let (target, consumed) = match atyp {
-        ATYP_IPV4 => {
-            let end = addr_start + 4 + 2;
-            let Some(field) = input.get(addr_start..end) else {
-                return Ok(Parsed::Incomplete);
-            };
-            let ip = Ipv4Addr::new(field[0], field[1], field[2], field[3]);
-            let port = u16::from_be_bytes([field[4], field[5]]);
-            (TargetAddr::Ip(SocketAddr::from((ip, port))), end)
-        }
-        ATYP_IPV6 => {
-            let end = addr_start + 16 + 2;
-            let Some(field) = input.get(addr_start..end) else {
-                return Ok(Parsed::Incomplete);
-            };
-            let mut octets = [0u8; 16];
-            octets.copy_from_slice(&field[..16]);
-            let port = u16::from_be_bytes([field[16], field[17]]);
-            (
-                TargetAddr::Ip(SocketAddr::from((Ipv6Addr::from(octets), port))),
-                end,
-            )
-        }
-        ATYP_DOMAIN => {
-            let Some(&len) = input.get(addr_start) else {
-                return Ok(Parsed::Incomplete);
-            };
-            let name_start = addr_start + 1;
-            let end = name_start + len as usize + 2;
-            let Some(field) = input.get(name_start..end) else {
-                return Ok(Parsed::Incomplete);
-            };
-            let (name, port) = field.split_at(len as usize);
-            if name.is_empty() {
-                return Err(Failure::Malformed);
-            }
-            let Ok(name) = std::str::from_utf8(name) else {
-                return Err(Failure::Malformed);
-            };
-            let port = u16::from_be_bytes([port[0], port[1]]);
-            (TargetAddr::Domain(name.to_owned(), port), end)
-        }
-        _ => return Err(Failure::AddressTypeNotSupported),
+    let (target, used) = match TargetAddr::decode(&input[3..]) {
+        Ok(None) => return Ok(Parsed::Incomplete),
+        Ok(Some(decoded)) => decoded,
+        Err(AddrError::UnknownType(_)) => return Err(Failure::AddressTypeNotSupported),
+        Err(AddrError::BadName) => return Err(Failure::Malformed),
     };
     if reserved != 0 {
         return Err(Failure::Malformed);
     }
     Ok(Parsed::Done {
-        message: (Command::from_u8(command), target),
-        consumed,
+        message: (Command::from_byte(command), target),
+        consumed: 3 + used,
     })
 }
 
@@ -499,6 +366,7 @@ fn parse_request(input: &[u8]) -> Result<Parsed<(Command, TargetAddr)>, Failure>
 mod tests {
     use super::*;
     use crate::socks5::client;
+    use std::net::Ipv6Addr;
 
     fn users() -> Option<Arc<UserDb>> {
         let mut db = UserDb::default();
@@ -529,7 +397,7 @@ mod tests {
 
     fn connect_request(target: &TargetAddr) -> Vec<u8> {
         let mut bytes = Vec::new();
-        client::encode_request(0x01, target, &mut bytes);
+        client::encode_request(Command::Connect, target, &mut bytes);
         bytes
     }
 
@@ -579,7 +447,7 @@ mod tests {
         assert!(matches!(hs.step(&mut out), Step::Request(_)));
         assert!(!hs.wants_input());
         let bound: SocketAddr = "127.0.0.1:5555".parse().expect("addr");
-        assert_eq!(hs.connect_succeeded(bound, &mut out), Step::Relay);
+        assert_eq!(hs.request_granted(bound, &mut out), Ok(()));
         assert_eq!(out, [5, 0, 5, 0, 0, 1, 127, 0, 0, 1, 0x15, 0xb3]);
         assert_eq!(hs.take_leftover(), b"hello target");
     }
@@ -717,7 +585,8 @@ mod tests {
         assert!(matches!(hs.step(&mut out), Step::Request(_)));
         out.clear();
         hs.bind_listening("127.0.0.1:1000".parse().expect("addr"), &mut out);
-        hs.connect_succeeded("127.0.0.2:2000".parse().expect("addr"), &mut out);
+        hs.request_granted("127.0.0.2:2000".parse().expect("addr"), &mut out)
+            .expect("granted");
         assert_eq!(
             out,
             [5, 0, 0, 1, 127, 0, 0, 1, 0x03, 0xe8, 5, 0, 0, 1, 127, 0, 0, 2, 0x07, 0xd0]
@@ -731,12 +600,10 @@ mod tests {
         hs.receive(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 80]);
         assert!(matches!(hs.step(&mut out), Step::Request(_)));
         out.clear();
-        let step = hs.connect_failed(Failure::ConnectionRefused, &mut out);
+        let err = hs.request_failed(Failure::ConnectionRefused, &mut out);
         assert_eq!(out, [5, 5, 0, 1, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(
-            step,
-            Step::Close(HandshakeError::Request(Failure::ConnectionRefused))
-        );
+        assert_eq!(err, HandshakeError::Request(Failure::ConnectionRefused));
+        assert_eq!(hs.step(&mut out), Step::Close(HandshakeError::OutOfOrder));
         assert!(!hs.wants_input());
     }
 
@@ -747,7 +614,8 @@ mod tests {
         hs.receive(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 80]);
         assert!(matches!(hs.step(&mut out), Step::Request(_)));
         out.clear();
-        hs.connect_succeeded("[::1]:258".parse().expect("addr"), &mut out);
+        hs.request_granted("[::1]:258".parse().expect("addr"), &mut out)
+            .expect("granted");
         let mut expected = vec![5, 0, 0, 4];
         expected.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
         expected.extend_from_slice(&[1, 2]);
@@ -758,9 +626,18 @@ mod tests {
     fn success_without_connect_is_refused() {
         let mut hs = Handshake::new(None);
         let mut out = Vec::new();
-        let step = hs.connect_succeeded("127.0.0.1:1".parse().expect("addr"), &mut out);
-        assert!(matches!(step, Step::Close(_)));
+        let granted = hs.request_granted("127.0.0.1:1".parse().expect("addr"), &mut out);
+        assert_eq!(granted, Err(HandshakeError::OutOfOrder));
         assert!(out.is_empty());
+        // Nor may a granted request be stepped again or answered twice.
+        let mut hs = Handshake::new(None);
+        hs.receive(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 80]);
+        assert!(matches!(hs.step(&mut out), Step::Request(_)));
+        hs.request_granted("127.0.0.1:1".parse().expect("addr"), &mut out)
+            .expect("granted");
+        assert_eq!(hs.step(&mut out), Step::Close(HandshakeError::OutOfOrder));
+        let again = hs.request_failed(Failure::Other, &mut Vec::new());
+        assert_eq!(again, HandshakeError::OutOfOrder);
     }
 
     #[test]

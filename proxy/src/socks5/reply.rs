@@ -1,7 +1,10 @@
-//! The one table from the cause of a failed session to its SOCKS5 reply code (RFC 1928 §6).
+//! Replies (RFC 1928 §6): the reply codes, the one table from the cause of a failed request
+//! to its code, and the reply message.
 
 use std::fmt;
-use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use super::wire::{encode_socket_addr, SOCKS_VERSION};
 
 /// A SOCKS5 reply code (the REP field of a reply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,25 +96,17 @@ impl Failure {
             Failure::AddressTypeNotSupported => ReplyCode::AddressTypeNotSupported,
         }
     }
+}
 
-    /// Classifies an error from creating or connecting the outgoing socket.
-    pub fn from_connect_error(err: &io::Error) -> Self {
-        if crate::net::limits::is_resource_exhaustion(err) {
-            return Failure::ResourceExhausted;
-        }
-        match err.kind() {
-            io::ErrorKind::ConnectionRefused => Failure::ConnectionRefused,
-            io::ErrorKind::NetworkUnreachable | io::ErrorKind::NetworkDown => {
-                Failure::NetworkUnreachable
-            }
-            io::ErrorKind::HostUnreachable => Failure::HostUnreachable,
-            io::ErrorKind::TimedOut => Failure::ConnectTimeout,
-            // On connect, EADDRNOTAVAIL means no local port is free: the server's resource.
-            io::ErrorKind::AddrNotAvailable => Failure::ResourceExhausted,
-            io::ErrorKind::OutOfMemory => Failure::ResourceExhausted,
-            _ => Failure::Other,
-        }
-    }
+/// Appends a complete reply `VER REP RSV ATYP BND.ADDR BND.PORT`.
+pub fn encode_reply(code: ReplyCode, bound: SocketAddr, out: &mut Vec<u8>) {
+    out.extend_from_slice(&[SOCKS_VERSION, code.as_u8(), 0x00]);
+    encode_socket_addr(bound, out);
+}
+
+/// Appends a failure reply, whose bound address is all zeros.
+pub fn encode_failure_reply(code: ReplyCode, out: &mut Vec<u8>) {
+    encode_reply(code, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), out);
 }
 
 impl fmt::Display for Failure {
@@ -147,33 +142,25 @@ mod tests {
     }
 
     #[test]
-    fn connect_errors_map_to_their_codes() {
+    fn causes_map_to_their_codes() {
         let cases = [
-            (rustix::io::Errno::CONNREFUSED, ReplyCode::ConnectionRefused),
-            (rustix::io::Errno::NETUNREACH, ReplyCode::NetworkUnreachable),
-            (rustix::io::Errno::HOSTUNREACH, ReplyCode::HostUnreachable),
-            (rustix::io::Errno::TIMEDOUT, ReplyCode::TtlExpired),
-            (rustix::io::Errno::MFILE, ReplyCode::GeneralFailure),
-            (rustix::io::Errno::ACCESS, ReplyCode::GeneralFailure),
-            (rustix::io::Errno::ADDRNOTAVAIL, ReplyCode::GeneralFailure),
+            (Failure::Malformed, ReplyCode::GeneralFailure),
+            (Failure::ResourceExhausted, ReplyCode::GeneralFailure),
+            (Failure::Other, ReplyCode::GeneralFailure),
+            (Failure::DeniedByRule, ReplyCode::NotAllowed),
+            (Failure::NetworkUnreachable, ReplyCode::NetworkUnreachable),
+            (Failure::HostUnreachable, ReplyCode::HostUnreachable),
+            (Failure::DnsFailure, ReplyCode::HostUnreachable),
+            (Failure::ConnectionRefused, ReplyCode::ConnectionRefused),
+            (Failure::ConnectTimeout, ReplyCode::TtlExpired),
+            (Failure::CommandNotSupported, ReplyCode::CommandNotSupported),
+            (
+                Failure::AddressTypeNotSupported,
+                ReplyCode::AddressTypeNotSupported,
+            ),
         ];
-        for (errno, code) in cases {
-            let err = io::Error::from_raw_os_error(errno.raw_os_error());
-            assert_eq!(
-                Failure::from_connect_error(&err).reply_code(),
-                code,
-                "{errno:?}"
-            );
+        for (failure, code) in cases {
+            assert_eq!(failure.reply_code(), code, "{failure}");
         }
-        assert_eq!(Failure::DnsFailure.reply_code(), ReplyCode::HostUnreachable);
-        assert_eq!(Failure::DeniedByRule.reply_code(), ReplyCode::NotAllowed);
-        assert_eq!(
-            Failure::CommandNotSupported.reply_code(),
-            ReplyCode::CommandNotSupported
-        );
-        assert_eq!(
-            Failure::AddressTypeNotSupported.reply_code(),
-            ReplyCode::AddressTypeNotSupported
-        );
     }
 }

@@ -1,11 +1,11 @@
 //! The UDP ASSOCIATE datagram header (RFC 1928 §7), sans-IO:
 //! `RSV(2) FRAG(1) ATYP DST.ADDR DST.PORT DATA`.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use thiserror::Error;
 
-use crate::socks5::handshake::{encode_socket_addr, TargetAddr, ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6};
+use super::wire::{encode_socket_addr, AddrError, TargetAddr};
 
 /// Why a datagram from the client is dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -36,42 +36,12 @@ pub fn parse_datagram(datagram: &[u8]) -> Result<(TargetAddr, &[u8]), DatagramEr
     if header[2] != 0 {
         return Err(DatagramError::Fragmented(header[2]));
     }
-    let rest = &datagram[4..];
-    let (target, used) = match header[3] {
-        ATYP_IPV4 => {
-            let f = rest.get(..6).ok_or(DatagramError::Truncated)?;
-            let ip = Ipv4Addr::new(f[0], f[1], f[2], f[3]);
-            (
-                TargetAddr::Ip(SocketAddr::from((ip, u16::from_be_bytes([f[4], f[5]])))),
-                6,
-            )
-        }
-        ATYP_IPV6 => {
-            let f = rest.get(..18).ok_or(DatagramError::Truncated)?;
-            let mut octets = [0u8; 16];
-            octets.copy_from_slice(&f[..16]);
-            let port = u16::from_be_bytes([f[16], f[17]]);
-            (
-                TargetAddr::Ip(SocketAddr::from((Ipv6Addr::from(octets), port))),
-                18,
-            )
-        }
-        ATYP_DOMAIN => {
-            let len = *rest.first().ok_or(DatagramError::Truncated)? as usize;
-            let f = rest.get(1..1 + len + 2).ok_or(DatagramError::Truncated)?;
-            let (name, port) = f.split_at(len);
-            let name = std::str::from_utf8(name).map_err(|_| DatagramError::BadName)?;
-            if name.is_empty() {
-                return Err(DatagramError::BadName);
-            }
-            (
-                TargetAddr::Domain(name.to_owned(), u16::from_be_bytes([port[0], port[1]])),
-                1 + len + 2,
-            )
-        }
-        other => return Err(DatagramError::AddressType(other)),
-    };
-    Ok((target, &rest[used..]))
+    match TargetAddr::decode(&datagram[3..]) {
+        Ok(Some((target, used))) => Ok((target, &datagram[3 + used..])),
+        Ok(None) => Err(DatagramError::Truncated),
+        Err(AddrError::UnknownType(atyp)) => Err(DatagramError::AddressType(atyp)),
+        Err(AddrError::BadName) => Err(DatagramError::BadName),
+    }
 }
 
 /// Appends the header for a datagram that came from `source`, then the payload.

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use proxy::socks5::client;
-use proxy::socks5::handshake::TargetAddr;
-use proxy::socks5::reply::ReplyCode;
+use proxy::socks5::Command;
+use proxy::socks5::ReplyCode;
+use proxy::socks5::TargetAddr;
 use proxy::{Config, Mode, Shutdown};
 
 /// Every socket read in a test gives up after this long, so a bug fails instead of hanging.
@@ -146,7 +147,7 @@ pub fn socks_connect(
         }
     }
     let mut request = Vec::new();
-    client::encode_request(1, target, &mut request);
+    client::encode_request(Command::Connect, target, &mut request);
     stream.write_all(&request)?;
     let (code, bound) = read_reply(&mut stream)?;
     Ok((stream, code, bound))

@@ -16,26 +16,21 @@ use std::time::Duration;
 use std::pin::Pin;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 
+use super::session::{self, Dialer, SessionError, EXHAUSTION_BACKOFF};
 use crate::config::{Acl, Config};
-use crate::net::connect::SessionError;
-use crate::net::limits::{self, BurstLog};
+use crate::net::connect;
+use crate::net::limits;
 use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
 use crate::shutdown::Shutdown;
-use crate::socks5::handshake::{Command, Handshake, Request, Step, TargetAddr, MAX_MESSAGE_LEN};
-use crate::socks5::reply::Failure;
+use crate::socks5::wire::MAX_MESSAGE_LEN;
+use crate::socks5::{Command, Failure, Handshake, Request, Step, TargetAddr};
 
-mod commands;
-
-static CONNECT_EXHAUSTED: BurstLog =
-    BurstLog::new("out of descriptors for outgoing connections; replying 0x01");
-static OVER_MAX_SESSIONS: BurstLog = BurstLog::new("--max-sessions reached; refusing newcomers");
-
-/// How long the accept loop rests after running out of descriptors, unless a session ends first.
-const EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
+mod bind;
+mod udp_associate;
 
 thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_SIZE]);
@@ -70,12 +65,7 @@ pub async fn serve(
             accepted = accept(&listener) => match accepted {
                 Ok((stream, peer)) => {
                     while sessions.try_join_next().is_some() {}
-                    if !config.acl.client_allowed(peer.ip()) {
-                        tracing::info!(%peer, "client not allowed; closed");
-                        continue;
-                    }
-                    if config.max_sessions.is_some_and(|max| sessions.len() >= max) {
-                        OVER_MAX_SESSIONS.hit(&format_args!("closed {peer}"));
+                    if !session::admit(&config, peer, sessions.len()) {
                         continue;
                     }
                     sessions.spawn(session(stream, peer, config.clone()));
@@ -99,17 +89,13 @@ pub async fn serve(
     drop(listener);
     while sessions.try_join_next().is_some() {}
     if !sessions.is_empty() {
-        tracing::info!(
-            "shutting down: waiting up to {:?} for {} sessions",
-            config.grace,
-            sessions.len()
-        );
+        session::log_draining(config.grace, sessions.len());
         let drained = timeout(config.grace, async {
             while sessions.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            tracing::warn!("grace period over; closing {} sessions", sessions.len());
+            session::log_grace_over(sessions.len());
             sessions.abort_all();
             while sessions.join_next().await.is_some() {}
         }
@@ -157,9 +143,9 @@ async fn establish(
         }
     };
     match request.command {
-        Command::Bind => return commands::bind(client, handshake, request, peer, config).await,
+        Command::Bind => return bind::bind(client, handshake, request, peer, config).await,
         Command::UdpAssociate => {
-            commands::udp_associate(client, handshake, request, peer, config).await;
+            udp_associate::udp_associate(client, handshake, request, peer, config).await;
             return None;
         }
         Command::Connect | Command::Unknown(_) => {}
@@ -169,19 +155,17 @@ async fn establish(
         Ok(target) => target
             .local_addr()
             .map(|bound| (target, bound))
-            .map_err(|err| Failure::from_connect_error(&err)),
+            .map_err(|err| connect::failure_of(&err)),
         Err(failure) => Err(failure),
     };
     let (target, bound) = match outcome {
         Ok(connected) => connected,
         Err(failure) => {
-            handshake.connect_failed(failure, &mut out);
-            let _ = client.write_all(&out).await;
-            tracing::info!(%peer, target = %request.target, "request failed: {failure}");
+            fail(&mut client, &mut handshake, failure, peer, &request.target).await;
             return None;
         }
     };
-    handshake.connect_succeeded(bound, &mut out);
+    handshake.request_granted(bound, &mut out).ok()?;
     client.write_all(&out).await.ok()?;
     let _ = client.set_nodelay(true);
     let _ = target.set_nodelay(true);
@@ -217,70 +201,76 @@ async fn read_request(
             }
             Step::Request(request) => return Ok(request),
             Step::Close(err) => return Err(err.into()),
-            Step::Relay => return Err(SessionError::Protocol("relay before request")),
         }
     }
 }
 
 /// Accepts one connection through the descriptor gate (see [`limits::new_descriptor`]); the
 /// gate is held only within one poll, never across an await.
-pub(crate) async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     std::future::poll_fn(|cx| limits::new_descriptor(|| listener.poll_accept(cx))).await
+}
+
+/// Answers the request with `failure` and logs it.
+async fn fail(
+    client: &mut TcpStream,
+    handshake: &mut Handshake,
+    failure: Failure,
+    peer: SocketAddr,
+    target: &TargetAddr,
+) {
+    let mut out = Vec::new();
+    let _ = handshake.request_failed(failure, &mut out);
+    let _ = client.write_all(&out).await;
+    session::log_request_failed(Some(peer), target, failure);
+}
+
+/// Resolves a target to its addresses without blocking the runtime.
+async fn resolve(target: &TargetAddr) -> Result<Vec<SocketAddr>, Failure> {
+    match target {
+        TargetAddr::Ip(addr) => Ok(vec![*addr]),
+        TargetAddr::Domain(name, port) => tokio::net::lookup_host((name.as_str(), *port))
+            .await
+            .map(Iterator::collect)
+            .map_err(|_| Failure::DnsFailure),
+    }
 }
 
 /// Resolves the target without blocking and tries each allowed address in order, all within
 /// the connect timeout.
 async fn connect(target: &TargetAddr, config: &Config) -> Result<TcpStream, Failure> {
     let deadline = Instant::now() + config.connect_timeout;
-    let addrs: Vec<SocketAddr> = match target {
-        TargetAddr::Ip(addr) => vec![*addr],
-        TargetAddr::Domain(name, port) => {
-            match timeout_at(deadline, tokio::net::lookup_host((name.as_str(), *port))).await {
-                Err(_) => return Err(Failure::ConnectTimeout),
-                Ok(Err(_)) => return Err(Failure::DnsFailure),
-                Ok(Ok(found)) => found.collect(),
-            }
-        }
+    let addrs = match timeout_at(deadline, resolve(target)).await {
+        Err(_) => return Err(Failure::ConnectTimeout),
+        Ok(resolved) => resolved?,
     };
-    if addrs.is_empty() {
-        return Err(Failure::DnsFailure);
-    }
-    connect_first(&addrs, &config.acl, deadline).await
+    connect_first(Dialer::new(addrs), &config.acl, deadline).await
 }
 
-/// Connects to the first of `addrs` that the rules allow and that answers, in order, until
-/// `deadline`. The failure is that of the last address tried.
+/// Connects to the first address the dialer yields that answers, until `deadline`.
 async fn connect_first(
-    addrs: &[SocketAddr],
+    mut dialer: Dialer,
     acl: &Acl,
     deadline: Instant,
 ) -> Result<TcpStream, Failure> {
-    let mut last = Failure::DeniedByRule;
-    for &addr in addrs {
-        if !acl.dest_allowed(addr.ip()) {
-            continue;
-        }
-        let socket = limits::new_descriptor(|| {
-            if addr.is_ipv4() {
-                TcpSocket::new_v4()
-            } else {
-                TcpSocket::new_v6()
-            }
-        });
-        let attempt = async move { socket?.connect(addr).await };
+    while let Some(addr) = dialer.next_allowed(acl) {
+        let attempt = async move {
+            let stream = TcpStream::from_std(connect::start_connect(addr)?)
+                .map_err(|err| connect::failure_of(&err))?;
+            stream
+                .writable()
+                .await
+                .map_err(|err| connect::failure_of(&err))?;
+            connect::connect_result(&stream)?;
+            Ok(stream)
+        };
         match timeout_at(deadline, attempt).await {
             Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(err)) => {
-                last = Failure::from_connect_error(&err);
-                if last == Failure::ResourceExhausted {
-                    CONNECT_EXHAUSTED.hit(&err);
-                    return Err(last);
-                }
-            }
+            Ok(Err(failure)) => dialer.failed(failure),
             Err(_) => return Err(Failure::ConnectTimeout),
         }
     }
-    Err(last)
+    Err(dialer.failure())
 }
 
 /// A tokio socket driven through `poll_read`/`poll_write` from inside a future's `poll`.
@@ -378,13 +368,8 @@ async fn relay(
         Poll::Pending
     })
     .await;
-    if let Err(err) = &result {
-        if relay::is_peer_reset(err) {
-            // Pass the reset on: closing with a zero linger sends RST, not FIN.
-            for socket in [&client, &target] {
-                let _ = rustix::net::sockopt::set_socket_linger(socket, Some(Duration::ZERO));
-            }
-        }
+    if result.as_ref().is_err_and(relay::is_peer_reset) {
+        session::pass_reset_on(&[&client, &target]);
     }
     result.map(|()| (up.bytes(), down.bytes()))
 }
@@ -403,20 +388,24 @@ mod tests {
         };
         let closed_v6: SocketAddr = format!("[::1]:{}", closed.port()).parse().expect("addr");
         let deadline = Instant::now() + Duration::from_secs(10);
-        let acl = Acl::default();
-        let stream = connect_first(&[closed_v6, closed, open], &acl, deadline)
+        let acl = Acl {
+            deny_dests: vec![crate::config::parse_cidr("127.0.0.2").expect("cidr")],
+            ..Acl::default()
+        };
+        let denied = SocketAddr::new("127.0.0.2".parse().expect("ip"), open.port());
+        let fails_at_once: SocketAddr = "255.255.255.255:9".parse().expect("addr");
+        let addrs = vec![denied, fails_at_once, closed_v6, closed, open];
+        let stream = connect_first(Dialer::new(addrs), &acl, deadline)
             .await
-            .expect("third address answers");
+            .expect("the last address answers");
         assert_eq!(stream.peer_addr().expect("peer"), open);
-        let failure = connect_first(&[closed_v6, closed], &acl, deadline)
+        let failure = connect_first(Dialer::new(vec![closed_v6, closed]), &acl, deadline)
             .await
             .err();
         assert_eq!(failure, Some(Failure::ConnectionRefused));
-        let deny_all = Acl {
-            deny_dests: vec![crate::config::parse_cidr("127.0.0.0/8").expect("cidr")],
-            ..Acl::default()
-        };
-        let failure = connect_first(&[open], &deny_all, deadline).await.err();
+        let failure = connect_first(Dialer::new(vec![denied]), &acl, deadline)
+            .await
+            .err();
         assert_eq!(failure, Some(Failure::DeniedByRule));
     }
 }

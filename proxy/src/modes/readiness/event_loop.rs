@@ -21,18 +21,18 @@ use std::time::{Duration, Instant};
 use rustix::event::{eventfd, EventfdFlags};
 use slab::Slab;
 
+use super::poller::{Event, Interest, Poller, Token};
 use crate::config::Config;
-use crate::modes::readiness::poller::{Event, Interest, Poller, Token};
-use crate::net::limits::{self, BurstLog};
+use crate::modes::session::{self, Dialer, EXHAUSTION_BACKOFF};
+use crate::net::connect;
+use crate::net::limits;
 use crate::net::resolver::Resolver;
+use crate::net::BurstLog;
 use crate::relay::{self, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
 use crate::shutdown::Shutdown;
-use crate::socks5::handshake::{Command, Handshake, Step, TargetAddr, MAX_MESSAGE_LEN};
-use crate::socks5::reply::Failure;
+use crate::socks5::wire::MAX_MESSAGE_LEN;
+use crate::socks5::{Command, Failure, Handshake, Step, TargetAddr};
 
-static CONNECT_EXHAUSTED: BurstLog =
-    BurstLog::new("cannot create an outgoing socket; replying 0x01");
-static OVER_MAX_SESSIONS: BurstLog = BurstLog::new("--max-sessions reached; refusing newcomers");
 static OVER_POLLER_LIMIT: BurstLog = BurstLog::new(
     "descriptor at or above FD_SETSIZE (1024) cannot be watched by select; session refused",
 );
@@ -45,8 +45,6 @@ pub const LISTENER: Token = u64::MAX;
 const WAKER: Token = u64::MAX - 1;
 /// Connections accepted per readiness report before the loop serves its sessions again.
 const ACCEPT_BATCH: usize = 64;
-/// How long accepting pauses after running out of descriptors, unless a session ends first.
-const EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Which socket of a session an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,11 +96,7 @@ struct Negotiation {
 enum NegotiationStep {
     Reading,
     Resolving,
-    Connecting {
-        addrs: Vec<SocketAddr>,
-        next: usize,
-        last_failure: Failure,
-    },
+    Connecting(Dialer),
     /// Flushing the success reply, then relay.
     Replying,
     /// Flushing a failure reply, then close.
@@ -254,23 +248,14 @@ impl<P: Poller> EventLoop<'_, P> {
             if grace_deadline.is_none() && shutdown.is_triggered() {
                 self.stop_accepting();
                 grace_deadline = Some(Instant::now() + self.ctx.config.grace);
-                if !self.sessions.is_empty() {
-                    tracing::info!(
-                        "shutting down: waiting up to {:?} for {} sessions",
-                        self.ctx.config.grace,
-                        self.sessions.len()
-                    );
-                }
+                session::log_draining(self.ctx.config.grace, self.sessions.len());
             }
             if let Some(deadline) = grace_deadline {
                 if self.sessions.is_empty() {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
-                    tracing::warn!(
-                        "grace period over; closing {} sessions",
-                        self.sessions.len()
-                    );
+                    session::log_grace_over(self.sessions.len());
                     let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
                     for key in keys {
                         self.close(key, false);
@@ -427,9 +412,9 @@ impl<P: Poller> EventLoop<'_, P> {
         }
         if reset {
             // Pass a reset on: closing with a zero linger sends RST, not FIN.
-            let _ = rustix::net::sockopt::set_socket_linger(&session.client, Some(Duration::ZERO));
-            if let Some(target) = &session.target {
-                let _ = rustix::net::sockopt::set_socket_linger(target, Some(Duration::ZERO));
+            match &session.target {
+                Some(target) => session::pass_reset_on(&[&session.client, target]),
+                None => session::pass_reset_on(&[&session.client]),
             }
         }
         drop(session);
@@ -494,15 +479,7 @@ impl<P: Poller> EventLoop<'_, P> {
 
     fn on_accepted(&mut self, client: TcpStream, peer: SocketAddr) {
         let config = self.ctx.config;
-        if !config.acl.client_allowed(peer.ip()) {
-            tracing::info!(%peer, "client not allowed; closed");
-            return;
-        }
-        if config
-            .max_sessions
-            .is_some_and(|max| self.shared.sessions.load(Ordering::Relaxed) >= max)
-        {
-            OVER_MAX_SESSIONS.hit(&format_args!("closed {peer}"));
+        if !session::admit(config, peer, self.shared.sessions.load(Ordering::Relaxed)) {
             return;
         }
         if !self.poller.can_watch(client.as_raw_fd()) {
@@ -552,11 +529,7 @@ impl<P: Poller> EventLoop<'_, P> {
         }
         let failure = match result {
             Ok(addrs) if !addrs.is_empty() => {
-                negotiation.step = NegotiationStep::Connecting {
-                    addrs,
-                    next: 0,
-                    last_failure: Failure::DeniedByRule,
-                };
+                negotiation.step = NegotiationStep::Connecting(Dialer::new(addrs));
                 None
             }
             _ => Some(Failure::DnsFailure),
@@ -593,7 +566,7 @@ impl<P: Poller> EventLoop<'_, P> {
                     }
                 }
                 Phase::Negotiating(negotiation) => match negotiation.step {
-                    NegotiationStep::Resolving | NegotiationStep::Connecting { .. } => {
+                    NegotiationStep::Resolving | NegotiationStep::Connecting(_) => {
                         fail_request(negotiation, Failure::ConnectTimeout);
                         if let Some(target) = session.target.take() {
                             let _ = self.poller.remove(target.as_fd());
@@ -625,7 +598,7 @@ fn wanted_interest(session: &Session) -> (Interest, Interest) {
                 _ => Interest::NONE,
             };
             let target = match negotiation.step {
-                NegotiationStep::Connecting { .. } if session.target.is_some() => Interest::WRITE,
+                NegotiationStep::Connecting(_) if session.target.is_some() => Interest::WRITE,
                 _ => Interest::NONE,
             };
             (client, target)
@@ -651,9 +624,9 @@ fn wanted_interest(session: &Session) -> (Interest, Interest) {
 
 /// Queues a failure reply and moves to flushing it before close.
 fn fail_request(negotiation: &mut Negotiation, failure: Failure) {
-    negotiation
+    let _ = negotiation
         .handshake
-        .connect_failed(failure, &mut negotiation.out);
+        .request_failed(failure, &mut negotiation.out);
     negotiation.step = NegotiationStep::Closing;
     tracing::info!("request failed: {failure}");
 }
@@ -698,7 +671,7 @@ fn negotiate(
                 return relay(session, ctx, Wake::BOTH);
             }
             NegotiationStep::Resolving => return Ok(Outcome::Wait),
-            NegotiationStep::Connecting { .. } => {
+            NegotiationStep::Connecting(_) => {
                 match advance_connect(session, ctx, poller, target_writable) {
                     Some(outcome) => return Ok(outcome),
                     None => continue,
@@ -721,7 +694,6 @@ fn negotiate(
                         tracing::debug!("handshake ended: {err}");
                         negotiation.step = NegotiationStep::Closing;
                     }
-                    Step::Relay => negotiation.step = NegotiationStep::Closing,
                     Step::Request(request) if request.command != Command::Connect => {
                         // BIND and UDP ASSOCIATE are served by the async mode only.
                         fail_request(negotiation, Failure::CommandNotSupported);
@@ -734,11 +706,8 @@ fn negotiate(
                         };
                         match request.target {
                             TargetAddr::Ip(addr) => {
-                                negotiation.step = NegotiationStep::Connecting {
-                                    addrs: vec![addr],
-                                    next: 0,
-                                    last_failure: Failure::DeniedByRule,
-                                };
+                                negotiation.step =
+                                    NegotiationStep::Connecting(Dialer::new(vec![addr]));
                             }
                             TargetAddr::Domain(name, port) => {
                                 negotiation.step = NegotiationStep::Resolving;
@@ -773,33 +742,30 @@ fn advance_connect(
     let Phase::Negotiating(negotiation) = &mut session.phase else {
         return Some(Outcome::Wait);
     };
-    let NegotiationStep::Connecting {
-        addrs,
-        next,
-        last_failure,
-    } = &mut negotiation.step
-    else {
+    let NegotiationStep::Connecting(dialer) = &mut negotiation.step else {
         return None;
     };
     if let Some(target) = &session.target {
         if !target_writable {
             return Some(Outcome::Wait);
         }
-        match crate::net::connect::connect_result(target).and_then(|()| {
-            target
-                .local_addr()
-                .map_err(|err| Failure::from_connect_error(&err))
-        }) {
+        let connected = connect::connect_result(target).and_then(|()| connect::bound_addr(target));
+        match connected {
             Ok(bound) => {
-                negotiation
+                if let Err(err) = negotiation
                     .handshake
-                    .connect_succeeded(bound, &mut negotiation.out);
+                    .request_granted(bound, &mut negotiation.out)
+                {
+                    tracing::debug!("handshake ended: {err}");
+                    negotiation.step = NegotiationStep::Closing;
+                    return None;
+                }
                 let _ = target.set_nodelay(true);
                 let _ = session.client.set_nodelay(true);
                 negotiation.step = NegotiationStep::Replying;
                 return None;
             }
-            Err(failure) => *last_failure = failure,
+            Err(failure) => dialer.failed(failure),
         }
         // This address failed: forget its socket and try the next one.
         if let Some(target) = session.target.take() {
@@ -807,36 +773,23 @@ fn advance_connect(
         }
         session.target_interest = Interest::NONE;
     }
-    while let Some(&addr) = addrs.get(*next) {
-        *next += 1;
-        if !ctx.config.acl.dest_allowed(addr.ip()) {
-            continue;
-        }
+    while let Some(addr) = dialer.next_allowed(&ctx.config.acl) {
         match start_connect(addr, poller) {
             Ok(stream) => {
                 session.target = Some(stream);
                 return Some(Outcome::Wait);
             }
-            Err(failure) => {
-                *last_failure = failure;
-                if failure == Failure::ResourceExhausted {
-                    break;
-                }
-            }
+            Err(failure) => dialer.failed(failure),
         }
     }
-    let failure = *last_failure;
+    let failure = dialer.failure();
     fail_request(negotiation, failure);
     None
 }
 
 /// Starts a non-blocking connect to `addr`, refusing descriptors the poller cannot watch.
 fn start_connect(addr: SocketAddr, poller: &impl Poller) -> Result<TcpStream, Failure> {
-    let stream = crate::net::connect::start_connect(addr).inspect_err(|failure| {
-        if *failure == Failure::ResourceExhausted {
-            CONNECT_EXHAUSTED.hit(&failure);
-        }
-    })?;
+    let stream = connect::start_connect(addr)?;
     if !poller.can_watch(stream.as_raw_fd()) {
         SELECT_REFUSED.fetch_add(1, Ordering::Relaxed);
         OVER_POLLER_LIMIT.hit(&format_args!("target descriptor {}", stream.as_raw_fd()));

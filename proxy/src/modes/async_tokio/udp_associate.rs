@@ -1,19 +1,20 @@
-//! BIND and UDP ASSOCIATE (RFC 1928 §4–7) for the `async` mode.
+//! UDP ASSOCIATE (RFC 1928 §7): a relay socket for the client, outbound sockets for its
+//! targets, until the control connection closes or the association idles out.
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::time::{timeout_at, Instant};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::Instant;
 
+use super::{fail, resolve};
 use crate::config::Config;
-use crate::net::limits;
-use crate::socks5::handshake::{Handshake, Request, TargetAddr};
-use crate::socks5::reply::Failure;
+use crate::net::{connect, limits};
 use crate::socks5::udp::{encode_datagram, parse_datagram};
+use crate::socks5::{Handshake, Request};
 
 /// How long a UDP association may stay without a datagram when no `--idle-timeout` is set.
 pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(120);
@@ -21,117 +22,6 @@ pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(120);
 const MAX_CONTACTED: usize = 4096;
 /// The largest UDP payload.
 const DATAGRAM_MAX: usize = 65_535;
-
-/// Sends a failure reply and logs it.
-async fn fail(
-    client: &mut TcpStream,
-    handshake: &mut Handshake,
-    failure: Failure,
-    peer: SocketAddr,
-) {
-    let mut out = Vec::new();
-    handshake.connect_failed(failure, &mut out);
-    let _ = client.write_all(&out).await;
-    tracing::info!(%peer, "request failed: {failure}");
-}
-
-/// Resolves a target to its addresses (a name without blocking the runtime).
-async fn resolve(target: &TargetAddr) -> Result<Vec<SocketAddr>, Failure> {
-    match target {
-        TargetAddr::Ip(addr) => Ok(vec![*addr]),
-        TargetAddr::Domain(name, port) => {
-            match tokio::net::lookup_host((name.as_str(), *port)).await {
-                Ok(addrs) => {
-                    let addrs: Vec<SocketAddr> = addrs.collect();
-                    if addrs.is_empty() {
-                        Err(Failure::DnsFailure)
-                    } else {
-                        Ok(addrs)
-                    }
-                }
-                Err(_) => Err(Failure::DnsFailure),
-            }
-        }
-    }
-}
-
-/// BIND: listen on the control connection's local address, send the first reply, accept the
-/// expected peer (DST.ADDR, unless it is unspecified) within the connect timeout, send the
-/// second reply. Returns the client, the inbound connection and early client bytes, to relay.
-pub async fn bind(
-    mut client: TcpStream,
-    mut handshake: Handshake,
-    request: Request,
-    peer: SocketAddr,
-    config: &Config,
-) -> Option<(TcpStream, TcpStream, Vec<u8>)> {
-    let expected: Option<Vec<IpAddr>> = match &request.target {
-        TargetAddr::Ip(addr) if addr.ip().is_unspecified() => None,
-        target => match resolve(target).await {
-            Ok(addrs) => Some(addrs.iter().map(SocketAddr::ip).collect()),
-            Err(failure) => {
-                fail(&mut client, &mut handshake, failure, peer).await;
-                return None;
-            }
-        },
-    };
-    if let Some(ips) = &expected {
-        if !ips.iter().any(|ip| config.acl.dest_allowed(*ip)) {
-            fail(&mut client, &mut handshake, Failure::DeniedByRule, peer).await;
-            return None;
-        }
-    }
-    let local_ip = client.local_addr().ok()?.ip();
-    let listener = match tcp_listener((local_ip, 0).into()) {
-        Ok(listener) => listener,
-        Err(err) => {
-            fail(
-                &mut client,
-                &mut handshake,
-                Failure::from_connect_error(&err),
-                peer,
-            )
-            .await;
-            return None;
-        }
-    };
-    let mut out = Vec::new();
-    handshake.bind_listening(listener.local_addr().ok()?, &mut out);
-    client.write_all(&out).await.ok()?;
-    out.clear();
-    let deadline = Instant::now() + config.connect_timeout;
-    let (inbound, from) = loop {
-        match timeout_at(deadline, super::accept(&listener)).await {
-            Err(_) => {
-                fail(&mut client, &mut handshake, Failure::ConnectTimeout, peer).await;
-                return None;
-            }
-            Ok(Err(err)) => {
-                fail(
-                    &mut client,
-                    &mut handshake,
-                    Failure::from_connect_error(&err),
-                    peer,
-                )
-                .await;
-                return None;
-            }
-            Ok(Ok((stream, from))) => {
-                let expected_peer = expected.as_ref().is_none_or(|ips| ips.contains(&from.ip()));
-                if expected_peer && config.acl.dest_allowed(from.ip()) {
-                    break (stream, from);
-                }
-                tracing::info!(%peer, %from, "BIND: connection from an unexpected peer closed");
-            }
-        }
-    };
-    drop(listener);
-    handshake.connect_succeeded(from, &mut out);
-    client.write_all(&out).await.ok()?;
-    let _ = client.set_nodelay(true);
-    let _ = inbound.set_nodelay(true);
-    Some((client, inbound, handshake.take_leftover()))
-}
 
 /// Receives on an outbound socket, or never if it does not exist yet.
 async fn recv_on(socket: &Option<UdpSocket>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
@@ -159,8 +49,9 @@ pub async fn udp_associate(
             fail(
                 &mut client,
                 &mut handshake,
-                Failure::from_connect_error(&err),
+                connect::failure_of(&err),
                 peer,
+                &request.target,
             )
             .await;
             return;
@@ -174,8 +65,9 @@ pub async fn udp_associate(
         relay_addr.port(),
     );
     let mut out = Vec::new();
-    handshake.connect_succeeded(advertised, &mut out);
-    if client.write_all(&out).await.is_err() {
+    if handshake.request_granted(advertised, &mut out).is_err()
+        || client.write_all(&out).await.is_err()
+    {
         return;
     }
     drop(handshake);
@@ -294,13 +186,6 @@ async fn relay_back(
     if relay.send_to(wrapped, client).await.is_ok() {
         *relayed += 1;
     }
-}
-
-/// A listening socket for BIND, made through the descriptor gate.
-fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let listener = limits::new_descriptor(|| std::net::TcpListener::bind(addr))?;
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
 }
 
 /// A UDP socket for UDP ASSOCIATE, made through the descriptor gate.

@@ -8,6 +8,8 @@ use ipnet::IpNet;
 
 use crate::socks5::auth::UserDb;
 
+pub mod users;
+
 /// Everything a server mode needs to know besides its listener.
 #[derive(Debug, Clone)]
 pub struct Config {
