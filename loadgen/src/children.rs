@@ -53,18 +53,11 @@ impl ChildProcess {
         let line = rx
             .recv_timeout(READY_TIMEOUT)
             .map_err(|_| anyhow!("the {name} did not get ready within {READY_TIMEOUT:?}"))?;
-        let Some(rest) = line.trim_end().strip_prefix("listening on ") else {
+        let Some(ready) = proxy::net::listener::parse_ready_line(&line) else {
             let status = process.child.try_wait().ok().flatten();
             bail!("the {name} did not start (ready line {line:?}, status {status:?})");
         };
-        process.addrs = rest
-            .split_whitespace()
-            .take_while(|word| !word.starts_with("mode="))
-            .map(|addr| {
-                addr.parse()
-                    .with_context(|| format!("bad address in {line:?}"))
-            })
-            .collect::<anyhow::Result<_>>()?;
+        process.addrs = ready.addrs;
         Ok(process)
     }
 

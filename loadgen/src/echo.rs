@@ -34,12 +34,12 @@ pub fn run(addrs: &[SocketAddr], threads: usize) -> anyhow::Result<()> {
             let listener = proxy::net::listener::bind(*addr, false)?;
             listener.set_nonblocking(true)?;
             let listener = TcpListener::from_std(listener)?;
-            bound.push(listener.local_addr()?.to_string());
+            bound.push(listener.local_addr()?);
             listeners.push(listener);
         }
         {
             let mut stdout = io::stdout().lock();
-            writeln!(stdout, "listening on {}", bound.join(" "))?;
+            writeln!(stdout, "{}", proxy::net::listener::ready_line(&bound, None))?;
             stdout.flush()?;
         }
         let mut tasks = tokio::task::JoinSet::new();

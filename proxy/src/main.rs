@@ -199,7 +199,11 @@ fn start(args: Args) -> anyhow::Result<()> {
     );
     {
         let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "listening on {bound} mode={}", args.mode)?;
+        writeln!(
+            stdout,
+            "{}",
+            listener::ready_line(&[bound], Some(args.mode.name()))
+        )?;
         stdout.flush()?;
     }
     modes::run(listener, config, args.mode, shutdown).context("server failed")?;

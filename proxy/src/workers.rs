@@ -22,6 +22,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::modes::Mode;
+use crate::net::listener::ready_line;
 
 /// How long a worker has to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -108,7 +109,7 @@ fn spawn_worker(
             let mut line = String::new();
             let mut reader = BufReader::new(stdout?);
             reader.read_line(&mut line).await.ok()?;
-            line.starts_with("listening on ").then_some(())
+            crate::net::listener::parse_ready_line(&line).map(|_| ())
         };
         let report = match tokio::time::timeout(READY_TIMEOUT, ready).await {
             Ok(Some(())) => Report::Ready { index, generation },
@@ -198,7 +199,7 @@ pub fn supervise(
         }
         {
             let mut stdout = io::stdout().lock();
-            writeln!(stdout, "listening on {bound} mode={mode}")?;
+            writeln!(stdout, "{}", ready_line(&[bound], Some(mode.name())))?;
             stdout.flush()?;
         }
         tracing::info!("{count} workers listening on {bound}");

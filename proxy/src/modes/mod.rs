@@ -8,10 +8,14 @@
 //! | `epoll` | event loops on level-triggered epoll |
 //! | `epoll-et` | event loops on edge-triggered epoll |
 //! | `async` | tokio tasks |
+//!
+//! Where each lives: `threads.rs`; `readiness/` (select, poll, epoll and epoll-et: one event
+//! loop over a `Poller` backend); `async_tokio/` (with BIND and UDP ASSOCIATE as children).
+//! What every mode decides the same way (admission, dialing, resets, draining) is in
+//! `session.rs`.
 
 use std::io;
 use std::net::TcpListener;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::config::Config;
@@ -22,8 +26,7 @@ pub mod readiness;
 pub mod session;
 pub mod threads;
 
-use readiness::event_loop;
-use readiness::poller::{EpollPoller, PollPoller, Poller, SelectPoller};
+use readiness::Backend;
 
 /// A concurrency model for the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -43,6 +46,16 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Every mode, in the order the command line lists them.
+    pub const ALL: [Mode; 6] = [
+        Mode::Threads,
+        Mode::Select,
+        Mode::Poll,
+        Mode::Epoll,
+        Mode::EpollEt,
+        Mode::Async,
+    ];
+
     /// The name used on the command line and in the ready line.
     pub fn name(self) -> &'static str {
         match self {
@@ -104,62 +117,29 @@ pub fn run(
             })
         }
         Mode::Threads => threads::run(listener, config, shutdown),
-        Mode::Select => run_loops(listener, &config, &shutdown, threads, || {
-            Ok(SelectPoller::new())
-        }),
-        Mode::Poll => run_loops(listener, &config, &shutdown, threads, || {
-            Ok(PollPoller::new())
-        }),
-        Mode::Epoll => run_loops(listener, &config, &shutdown, threads, || {
-            EpollPoller::new(false)
-        }),
-        Mode::EpollEt => run_loops(listener, &config, &shutdown, threads, || {
-            EpollPoller::new(true)
-        }),
+        Mode::Select => readiness::run(listener, &config, &shutdown, threads, Backend::Select),
+        Mode::Poll => readiness::run(listener, &config, &shutdown, threads, Backend::Poll),
+        Mode::Epoll => readiness::run(listener, &config, &shutdown, threads, Backend::Epoll),
+        Mode::EpollEt => readiness::run(listener, &config, &shutdown, threads, Backend::EpollEt),
     }
-}
-
-/// Runs `threads` event loops sharing the listener; the first to fail stops the others.
-fn run_loops<P: Poller>(
-    listener: TcpListener,
-    config: &Config,
-    shutdown: &Shutdown,
-    threads: usize,
-    make_poller: impl Fn() -> io::Result<P> + Sync,
-) -> io::Result<()> {
-    let shared = event_loop::Shared {
-        sessions: AtomicUsize::new(0),
-    };
-    let run_one = |listener: TcpListener| {
-        let result = make_poller()
-            .and_then(|poller| event_loop::run(poller, listener, config, shutdown, &shared));
-        if let Err(err) = &result {
-            tracing::error!("event loop failed: {err}");
-            shutdown.trigger();
-        }
-        result
-    };
-    std::thread::scope(|scope| {
-        let mut others = Vec::new();
-        for i in 1..threads {
-            let listener = listener.try_clone()?;
-            let handle = std::thread::Builder::new()
-                .name(format!("proxy-loop-{i}"))
-                .spawn_scoped(scope, || run_one(listener))?;
-            others.push(handle);
-        }
-        let mut result = run_one(listener);
-        for handle in others {
-            let joined = handle
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("event loop panicked")));
-            result = result.and(joined);
-        }
-        result
-    })
 }
 
 /// One thread per available core.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn all_lists_every_mode_under_its_command_line_name() {
+        assert_eq!(Mode::ALL.as_slice(), Mode::value_variants());
+        for mode in Mode::ALL {
+            let parsed = Mode::from_str(mode.name(), false).expect("parses");
+            assert_eq!(parsed, mode);
+        }
+    }
 }

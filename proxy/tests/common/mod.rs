@@ -271,10 +271,8 @@ impl ProxyProcess {
             let _ = tx.send(line);
         });
         let ready_line = rx.recv_timeout(IO_TIMEOUT).expect("ready line in time");
-        let addr = ready_line
-            .strip_prefix("listening on ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok())
+        let addr = proxy::net::listener::parse_ready_line(&ready_line)
+            .map(|ready| ready.addrs[0])
             .unwrap_or_else(|| panic!("unexpected ready line {ready_line:?}"));
         ProxyProcess {
             child,

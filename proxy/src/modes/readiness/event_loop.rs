@@ -1,16 +1,17 @@
 //! The readiness event loop shared by `select`, `poll`, `epoll` and `epoll-et`: one thread,
-//! non-blocking sockets, one state machine per session. The modes differ only in the
-//! [`Poller`] that waits for readiness.
+//! non-blocking sockets, one state machine per session (see `session.rs`). The modes differ
+//! only in the [`Poller`] that waits for readiness.
 //!
 //! Nothing blocks the loop: accept and connect are non-blocking (connect completes on
 //! writability, then `SO_ERROR` tells the outcome), names are resolved on the
-//! [`Resolver`] pool which wakes the loop through an eventfd, and timeouts come from a heap
-//! the loop checks itself. Sessions hold no relay buffer while idle: bytes move through one
-//! scratch buffer per loop, and only what a destination could not take is kept.
+//! [`Resolver`](crate::net::resolver::Resolver) pool which wakes the loop through an eventfd,
+//! and timeouts come from a heap the loop checks itself. Sessions hold no relay buffer while
+//! idle: bytes move through one scratch buffer per loop, and only what a destination could not
+//! take is kept.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,119 +23,22 @@ use rustix::event::{eventfd, EventfdFlags};
 use slab::Slab;
 
 use super::poller::{Event, Interest, Poller, Token};
+use super::session::{
+    fail_request, negotiate, relay, token, untoken, wanted_interest, Negotiation, NegotiationStep,
+    Outcome, Phase, Session, Side, Wake, OVER_POLLER_LIMIT, SELECT_REFUSED,
+};
 use crate::config::Config;
-use crate::modes::session::{self, Dialer, EXHAUSTION_BACKOFF};
-use crate::net::connect;
+use crate::modes::session::{self as policy, Dialer, EXHAUSTION_BACKOFF};
 use crate::net::limits;
-use crate::net::resolver::Resolver;
-use crate::net::BurstLog;
-use crate::relay::{self, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
+use crate::relay::{self, ReadUntil, SCRATCH_SIZE};
 use crate::shutdown::Shutdown;
-use crate::socks5::wire::MAX_MESSAGE_LEN;
-use crate::socks5::{Command, Failure, Handshake, Step, TargetAddr};
-
-static OVER_POLLER_LIMIT: BurstLog = BurstLog::new(
-    "descriptor at or above FD_SETSIZE (1024) cannot be watched by select; session refused",
-);
-
-/// Sessions refused because select could not watch one of their descriptors.
-pub static SELECT_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+use crate::socks5::{Failure, Handshake};
 
 /// The token of the listening socket.
 pub const LISTENER: Token = u64::MAX;
 const WAKER: Token = u64::MAX - 1;
 /// Connections accepted per readiness report before the loop serves its sessions again.
 const ACCEPT_BATCH: usize = 64;
-
-/// Which socket of a session an event is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Client,
-    Target,
-}
-
-fn token(key: usize, side: Side) -> Token {
-    ((key as u64) << 1) | u64::from(side == Side::Target)
-}
-
-fn untoken(token: Token) -> (usize, Side) {
-    let side = if token & 1 == 1 {
-        Side::Target
-    } else {
-        Side::Client
-    };
-    ((token >> 1) as usize, side)
-}
-
-/// A session from accept to close.
-struct Session {
-    /// Distinguishes successive sessions in one slab slot, so stale timer and resolver
-    /// reports are ignored when a slot is reused.
-    id: u32,
-    client: TcpStream,
-    target: Option<TcpStream>,
-    client_interest: Interest,
-    target_interest: Interest,
-    /// The timer entry that is current for this session; older entries are ignored.
-    timer_ticket: u32,
-    phase: Phase,
-}
-
-enum Phase {
-    Negotiating(Box<Negotiation>),
-    Relaying(Relay),
-}
-
-/// Handshake and connect state, boxed: freed once the relay starts.
-struct Negotiation {
-    handshake: Handshake,
-    out: Vec<u8>,
-    written: usize,
-    step: NegotiationStep,
-}
-
-enum NegotiationStep {
-    Reading,
-    Resolving,
-    Connecting(Dialer),
-    /// Flushing the success reply, then relay.
-    Replying,
-    /// Flushing a failure reply, then close.
-    Closing,
-}
-
-struct Relay {
-    up: Pipe,
-    down: Pipe,
-    /// When bytes last moved, in milliseconds of the loop's clock (only kept up to date
-    /// with an idle timeout). 4 bytes instead of an `Instant`'s 16: this is per session.
-    last_activity: u32,
-}
-
-/// What a session needs after being driven.
-enum Outcome {
-    /// Wait for readiness (interests updated).
-    Wait,
-    /// It has more to do right now (relay budget spent): drive again after other work.
-    Again,
-    /// Close it.
-    Close { reset: bool },
-}
-
-/// Which directions of a relay an event concerns.
-#[derive(Clone, Copy)]
-struct Wake {
-    up: bool,
-    down: bool,
-}
-
-impl Wake {
-    /// Both directions: after accept, a resolution, a timer, or a relay budget spent.
-    const BOTH: Wake = Wake {
-        up: true,
-        down: true,
-    };
-}
 
 /// Shared between the loops of one process.
 pub struct Shared {
@@ -143,20 +47,20 @@ pub struct Shared {
 }
 
 /// The loop's state besides its sessions (split so sessions can be borrowed alongside).
-struct Context<'a> {
-    config: &'a Config,
-    edge: bool,
-    scratch: Box<[u8]>,
-    timers: BinaryHeap<Reverse<(Instant, usize, u32, u32)>>,
-    next_ticket: u32,
-    resolved_tx: Sender<(usize, u32, io::Result<Vec<SocketAddr>>)>,
+pub(super) struct Context<'a> {
+    pub(super) config: &'a Config,
+    pub(super) edge: bool,
+    pub(super) scratch: Box<[u8]>,
+    pub(super) timers: BinaryHeap<Reverse<(Instant, usize, u32, u32)>>,
+    pub(super) next_ticket: u32,
+    pub(super) resolved_tx: Sender<(usize, u32, io::Result<Vec<SocketAddr>>)>,
     /// The origin of `Relay::last_activity`.
-    epoch: Instant,
-    waker: Arc<OwnedFd>,
+    pub(super) epoch: Instant,
+    pub(super) waker: Arc<OwnedFd>,
 }
 
 impl Context<'_> {
-    fn read_until(&self) -> ReadUntil {
+    pub(super) fn read_until(&self) -> ReadUntil {
         if self.edge {
             ReadUntil::WouldBlock
         } else {
@@ -166,11 +70,11 @@ impl Context<'_> {
 
     /// Milliseconds since the loop started (wraps after 49 days; compared with wrapping
     /// arithmetic).
-    fn clock_ms(&self) -> u32 {
+    pub(super) fn clock_ms(&self) -> u32 {
         self.epoch.elapsed().as_millis() as u32
     }
 
-    fn arm_timer(&mut self, session: &mut Session, key: usize, at: Instant) {
+    pub(super) fn arm_timer(&mut self, session: &mut Session, key: usize, at: Instant) {
         // Zero means "no timer"; skip it when the counter wraps.
         self.next_ticket = self.next_ticket.wrapping_add(1).max(1);
         session.timer_ticket = self.next_ticket;
@@ -180,7 +84,7 @@ impl Context<'_> {
 }
 
 /// Writes to an eventfd to wake its loop.
-fn wake(fd: &OwnedFd) {
+pub(super) fn wake(fd: &OwnedFd) {
     let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
@@ -248,14 +152,14 @@ impl<P: Poller> EventLoop<'_, P> {
             if grace_deadline.is_none() && shutdown.is_triggered() {
                 self.stop_accepting();
                 grace_deadline = Some(Instant::now() + self.ctx.config.grace);
-                session::log_draining(self.ctx.config.grace, self.sessions.len());
+                policy::log_draining(self.ctx.config.grace, self.sessions.len());
             }
             if let Some(deadline) = grace_deadline {
                 if self.sessions.is_empty() {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
-                    session::log_grace_over(self.sessions.len());
+                    policy::log_grace_over(self.sessions.len());
                     let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
                     for key in keys {
                         self.close(key, false);
@@ -413,8 +317,8 @@ impl<P: Poller> EventLoop<'_, P> {
         if reset {
             // Pass a reset on: closing with a zero linger sends RST, not FIN.
             match &session.target {
-                Some(target) => session::pass_reset_on(&[&session.client, target]),
-                None => session::pass_reset_on(&[&session.client]),
+                Some(target) => policy::pass_reset_on(&[&session.client, target]),
+                None => policy::pass_reset_on(&[&session.client]),
             }
         }
         drop(session);
@@ -479,7 +383,7 @@ impl<P: Poller> EventLoop<'_, P> {
 
     fn on_accepted(&mut self, client: TcpStream, peer: SocketAddr) {
         let config = self.ctx.config;
-        if !session::admit(config, peer, self.shared.sessions.load(Ordering::Relaxed)) {
+        if !policy::admit(config, peer, self.shared.sessions.load(Ordering::Relaxed)) {
             return;
         }
         if !self.poller.can_watch(client.as_raw_fd()) {
@@ -584,265 +488,5 @@ impl<P: Poller> EventLoop<'_, P> {
         if self.accept_paused_until.is_some_and(|at| at <= now) {
             self.resume_accepting();
         }
-    }
-}
-
-/// What each socket of a session should be watched for in its current state.
-fn wanted_interest(session: &Session) -> (Interest, Interest) {
-    match &session.phase {
-        Phase::Negotiating(negotiation) => {
-            let flushing = negotiation.written < negotiation.out.len();
-            let client = match negotiation.step {
-                _ if flushing => Interest::WRITE,
-                NegotiationStep::Reading => Interest::READ,
-                _ => Interest::NONE,
-            };
-            let target = match negotiation.step {
-                NegotiationStep::Connecting(_) if session.target.is_some() => Interest::WRITE,
-                _ => Interest::NONE,
-            };
-            (client, target)
-        }
-        Phase::Relaying(relay) => {
-            let up = relay.up.last_state();
-            let down = relay.down.last_state();
-            // A yielded pipe is driven again by the loop; keeping its read interest avoids
-            // switching it off and on between bursts.
-            let reading = |state| matches!(state, PipeState::WantsRead | PipeState::Yielded);
-            let client = Interest {
-                read: reading(up),
-                write: down == PipeState::WantsWrite,
-            };
-            let target = Interest {
-                read: reading(down),
-                write: up == PipeState::WantsWrite,
-            };
-            (client, target)
-        }
-    }
-}
-
-/// Queues a failure reply and moves to flushing it before close.
-fn fail_request(negotiation: &mut Negotiation, failure: Failure) {
-    let _ = negotiation
-        .handshake
-        .request_failed(failure, &mut negotiation.out);
-    negotiation.step = NegotiationStep::Closing;
-    tracing::info!("request failed: {failure}");
-}
-
-/// Drives the handshake, resolution and connect as far as they go without blocking.
-fn negotiate(
-    session: &mut Session,
-    key: usize,
-    ctx: &mut Context<'_>,
-    poller: &mut impl Poller,
-    target_writable: bool,
-) -> io::Result<Outcome> {
-    loop {
-        let Phase::Negotiating(negotiation) = &mut session.phase else {
-            return Ok(Outcome::Wait);
-        };
-        // Flush pending replies first.
-        while negotiation.written < negotiation.out.len() {
-            match (&session.client).write(&negotiation.out[negotiation.written..]) {
-                Ok(n) => negotiation.written += n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(Outcome::Wait),
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(err),
-            }
-        }
-        negotiation.out.clear();
-        negotiation.written = 0;
-        match &mut negotiation.step {
-            NegotiationStep::Closing => return Ok(Outcome::Close { reset: false }),
-            NegotiationStep::Replying => {
-                let leftover = negotiation.handshake.take_leftover();
-                session.phase = Phase::Relaying(Relay {
-                    up: Pipe::with_leftover(leftover),
-                    down: Pipe::default(),
-                    last_activity: ctx.clock_ms(),
-                });
-                if let Some(idle) = ctx.config.idle_timeout {
-                    ctx.arm_timer(session, key, Instant::now() + idle);
-                } else {
-                    session.timer_ticket = 0;
-                }
-                return relay(session, ctx, Wake::BOTH);
-            }
-            NegotiationStep::Resolving => return Ok(Outcome::Wait),
-            NegotiationStep::Connecting(_) => {
-                match advance_connect(session, ctx, poller, target_writable) {
-                    Some(outcome) => return Ok(outcome),
-                    None => continue,
-                }
-            }
-            NegotiationStep::Reading => {
-                let limit = MAX_MESSAGE_LEN.min(ctx.scratch.len());
-                match (&session.client).read(&mut ctx.scratch[..limit]) {
-                    Ok(0) => return Ok(Outcome::Close { reset: false }),
-                    Ok(n) => negotiation.handshake.receive(&ctx.scratch[..n]),
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        return Ok(Outcome::Wait)
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(err) => return Err(err),
-                }
-                match negotiation.handshake.step(&mut negotiation.out) {
-                    Step::NeedInput => {}
-                    Step::Close(err) => {
-                        tracing::debug!("handshake ended: {err}");
-                        negotiation.step = NegotiationStep::Closing;
-                    }
-                    Step::Request(request) if request.command != Command::Connect => {
-                        // BIND and UDP ASSOCIATE are served by the async mode only.
-                        fail_request(negotiation, Failure::CommandNotSupported);
-                    }
-                    Step::Request(request) => {
-                        let deadline = Instant::now() + ctx.config.connect_timeout;
-                        ctx.arm_timer(session, key, deadline);
-                        let Phase::Negotiating(negotiation) = &mut session.phase else {
-                            continue;
-                        };
-                        match request.target {
-                            TargetAddr::Ip(addr) => {
-                                negotiation.step =
-                                    NegotiationStep::Connecting(Dialer::new(vec![addr]));
-                            }
-                            TargetAddr::Domain(name, port) => {
-                                negotiation.step = NegotiationStep::Resolving;
-                                let reply = ctx.resolved_tx.clone();
-                                let waker = ctx.waker.clone();
-                                let id = session.id;
-                                Resolver::global().resolve(
-                                    &name,
-                                    port,
-                                    Box::new(move |result| {
-                                        let _ = reply.send((key, id, result));
-                                        wake(&waker);
-                                    }),
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Moves a connect on: checks the attempt in flight (when the target became writable), or
-/// starts the next allowed address. `None` means the step changed and negotiation goes on.
-fn advance_connect(
-    session: &mut Session,
-    ctx: &mut Context<'_>,
-    poller: &mut impl Poller,
-    target_writable: bool,
-) -> Option<Outcome> {
-    let Phase::Negotiating(negotiation) = &mut session.phase else {
-        return Some(Outcome::Wait);
-    };
-    let NegotiationStep::Connecting(dialer) = &mut negotiation.step else {
-        return None;
-    };
-    if let Some(target) = &session.target {
-        if !target_writable {
-            return Some(Outcome::Wait);
-        }
-        let connected = connect::connect_result(target).and_then(|()| connect::bound_addr(target));
-        match connected {
-            Ok(bound) => {
-                if let Err(err) = negotiation
-                    .handshake
-                    .request_granted(bound, &mut negotiation.out)
-                {
-                    tracing::debug!("handshake ended: {err}");
-                    negotiation.step = NegotiationStep::Closing;
-                    return None;
-                }
-                let _ = target.set_nodelay(true);
-                let _ = session.client.set_nodelay(true);
-                negotiation.step = NegotiationStep::Replying;
-                return None;
-            }
-            Err(failure) => dialer.failed(failure),
-        }
-        // This address failed: forget its socket and try the next one.
-        if let Some(target) = session.target.take() {
-            let _ = poller.remove(target.as_fd());
-        }
-        session.target_interest = Interest::NONE;
-    }
-    while let Some(addr) = dialer.next_allowed(&ctx.config.acl) {
-        match start_connect(addr, poller) {
-            Ok(stream) => {
-                session.target = Some(stream);
-                return Some(Outcome::Wait);
-            }
-            Err(failure) => dialer.failed(failure),
-        }
-    }
-    let failure = dialer.failure();
-    fail_request(negotiation, failure);
-    None
-}
-
-/// Starts a non-blocking connect to `addr`, refusing descriptors the poller cannot watch.
-fn start_connect(addr: SocketAddr, poller: &impl Poller) -> Result<TcpStream, Failure> {
-    let stream = connect::start_connect(addr)?;
-    if !poller.can_watch(stream.as_raw_fd()) {
-        SELECT_REFUSED.fetch_add(1, Ordering::Relaxed);
-        OVER_POLLER_LIMIT.hit(&format_args!("target descriptor {}", stream.as_raw_fd()));
-        return Err(Failure::ResourceExhausted);
-    }
-    Ok(stream)
-}
-
-/// Moves bytes in the directions `wake` names, as far as they go.
-fn relay(session: &mut Session, ctx: &mut Context<'_>, wake: Wake) -> io::Result<Outcome> {
-    let Some(target) = &session.target else {
-        return Ok(Outcome::Close { reset: false });
-    };
-    let Phase::Relaying(relay) = &mut session.phase else {
-        return Ok(Outcome::Wait);
-    };
-    let until = ctx.read_until();
-    let moved_before = relay.up.bytes() + relay.down.bytes();
-    if wake.up {
-        relay
-            .up
-            .pump(&mut &session.client, &mut &*target, &mut ctx.scratch, until)?;
-    }
-    if wake.down {
-        relay
-            .down
-            .pump(&mut &*target, &mut &session.client, &mut ctx.scratch, until)?;
-    }
-    if ctx.config.idle_timeout.is_some() && relay.up.bytes() + relay.down.bytes() != moved_before {
-        relay.last_activity = ctx.clock_ms();
-    }
-    let (up, down) = (relay.up.last_state(), relay.down.last_state());
-    if up == PipeState::Finished && down == PipeState::Finished {
-        return Ok(Outcome::Close { reset: false });
-    }
-    if up == PipeState::Yielded || down == PipeState::Yielded {
-        return Ok(Outcome::Again);
-    }
-    Ok(Outcome::Wait)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An idle established session costs its slab entry plus the poller's bookkeeping; this
-    /// keeps the entry small (the measured whole is in the README).
-    #[test]
-    fn session_state_stays_small() {
-        assert!(
-            std::mem::size_of::<Session>() <= 96,
-            "{}",
-            std::mem::size_of::<Session>()
-        );
     }
 }
