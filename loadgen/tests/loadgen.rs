@@ -11,9 +11,32 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-const MODES: [&str; 7] = [
-    "direct", "threads", "select", "poll", "epoll", "epoll-et", "async",
-];
+#[path = "../../proxy/tests/common/procfs.rs"]
+mod procfs;
+
+use procfs::{alive, children};
+
+/// One test per `--mode` (every proxy mode and `direct`) for a case written as
+/// `fn case(mode: &str)`, so a red test names its mode.
+macro_rules! per_target {
+    ($($case:ident),+ $(,)?) => {$(
+        mod $case {
+            use proxy::Mode;
+            // A mode added to `Mode` fails to compile here until it gets its test below.
+            const _: fn(Mode) = |mode| match mode {
+                Mode::Threads | Mode::Select | Mode::Poll | Mode::Epoll | Mode::EpollEt
+                | Mode::Async => {}
+            };
+            #[test] fn direct() { super::$case("direct") }
+            #[test] fn threads() { super::$case(Mode::Threads.name()) }
+            #[test] fn select() { super::$case(Mode::Select.name()) }
+            #[test] fn poll() { super::$case(Mode::Poll.name()) }
+            #[test] fn epoll() { super::$case(Mode::Epoll.name()) }
+            #[test] fn epoll_et() { super::$case(Mode::EpollEt.name()) }
+            #[test] fn async_tokio() { super::$case(Mode::Async.name()) }
+        }
+    )+};
+}
 
 /// Makes sure the proxy binary sits beside loadgen (it does after `cargo test --workspace`;
 /// `cargo test -p loadgen` alone does not build it).
@@ -78,66 +101,65 @@ fn u(value: &Value, path: &[&str]) -> u64 {
         .unwrap_or_else(|| panic!("{path:?} is not a number"))
 }
 
-#[test]
-fn small_runs_against_every_mode_are_recorded_consistently() {
-    for mode in MODES {
-        for rate in [None, Some("2000")] {
-            let dir = temp_dir(&format!("{mode}-{}", rate.unwrap_or("closed")));
-            let mut command = loadgen(&["--conns", "40", "--mode", mode, "--results"]);
-            command.arg(&dir);
-            if let Some(rate) = rate {
-                command.args(["--rate", rate]);
-            }
-            let output = command.output().expect("run loadgen");
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            assert!(output.status.success(), "{mode}: {stderr}");
-            let record = the_record(&dir);
-            assert_eq!(record["schema_version"], 1);
-            assert_eq!(record["outcome"], "ok", "{mode}");
-            assert_eq!(record["config"]["mode"], mode);
-            let requested = u(&record, &["sessions", "requested"]);
-            let established = u(&record, &["sessions", "established"]);
-            let failed = u(&record, &["sessions", "failed"]);
-            assert_eq!(requested, 40);
-            assert_eq!(established + failed, requested, "{mode}: counts add up");
-            assert_eq!(established, 40, "{mode}: every session established");
-            assert_eq!(u(&record, &["messages", "corrupted"]), 0);
-            let count = u(&record, &["messages", "count"]);
-            assert!(count > 0, "{mode}: messages flowed");
-            for histogram in ["rtt", "handshake"] {
-                let p = &record["latency_us"][histogram];
-                let values: Vec<u64> = ["min", "p50", "p90", "p99", "p999", "max"]
-                    .iter()
-                    .map(|k| p[*k].as_u64().expect("number"))
-                    .collect();
-                assert!(
-                    values.windows(2).all(|w| w[0] <= w[1]),
-                    "{mode} {histogram}: {values:?}"
-                );
-            }
-            assert_eq!(u(&record, &["latency_us", "rtt", "count"]), count);
-            if rate.is_some() {
-                assert!(record["latency_us"]["service"]["p99"].as_u64().is_some());
-            }
-            if mode != "direct" {
-                assert!(
-                    u(&record, &["proxy", "rss_idle"]) > 0,
-                    "{mode}: proxy RSS measured"
-                );
-                assert!(u(&record, &["proxy", "processes"]) >= 1);
-            }
-            let summary = std::fs::read_to_string(dir.join("summary.csv")).expect("summary");
-            assert_eq!(summary.lines().count(), 2, "{summary}");
-            let hgrm = std::fs::read_dir(dir.join("runs"))
-                .expect("runs")
-                .filter_map(|e| e.ok())
-                .filter(|e| e.path().extension().is_some_and(|x| x == "hgrm"))
-                .count();
-            assert_eq!(hgrm, if rate.is_some() { 3 } else { 2 });
-            let _ = std::fs::remove_dir_all(&dir);
+fn small_runs_are_recorded_consistently(mode: &str) {
+    for rate in [None, Some("2000")] {
+        let dir = temp_dir(&format!("{mode}-{}", rate.unwrap_or("closed")));
+        let mut command = loadgen(&["--conns", "40", "--mode", mode, "--results"]);
+        command.arg(&dir);
+        if let Some(rate) = rate {
+            command.args(["--rate", rate]);
         }
+        let output = command.output().expect("run loadgen");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{mode}: {stderr}");
+        let record = the_record(&dir);
+        assert_eq!(record["schema_version"], 1);
+        assert_eq!(record["outcome"], "ok", "{mode}");
+        assert_eq!(record["config"]["mode"], mode);
+        let requested = u(&record, &["sessions", "requested"]);
+        let established = u(&record, &["sessions", "established"]);
+        let failed = u(&record, &["sessions", "failed"]);
+        assert_eq!(requested, 40);
+        assert_eq!(established + failed, requested, "{mode}: counts add up");
+        assert_eq!(established, 40, "{mode}: every session established");
+        assert_eq!(u(&record, &["messages", "corrupted"]), 0);
+        let count = u(&record, &["messages", "count"]);
+        assert!(count > 0, "{mode}: messages flowed");
+        for histogram in ["rtt", "handshake"] {
+            let p = &record["latency_us"][histogram];
+            let values: Vec<u64> = ["min", "p50", "p90", "p99", "p999", "max"]
+                .iter()
+                .map(|k| p[*k].as_u64().expect("number"))
+                .collect();
+            assert!(
+                values.windows(2).all(|w| w[0] <= w[1]),
+                "{mode} {histogram}: {values:?}"
+            );
+        }
+        assert_eq!(u(&record, &["latency_us", "rtt", "count"]), count);
+        if rate.is_some() {
+            assert!(record["latency_us"]["service"]["p99"].as_u64().is_some());
+        }
+        if mode != "direct" {
+            assert!(
+                u(&record, &["proxy", "rss_idle"]) > 0,
+                "{mode}: proxy RSS measured"
+            );
+            assert!(u(&record, &["proxy", "processes"]) >= 1);
+        }
+        let summary = std::fs::read_to_string(dir.join("summary.csv")).expect("summary");
+        assert_eq!(summary.lines().count(), 2, "{summary}");
+        let hgrm = std::fs::read_dir(dir.join("runs"))
+            .expect("runs")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "hgrm"))
+            .count();
+        assert_eq!(hgrm, if rate.is_some() { 3 } else { 2 });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+per_target!(small_runs_are_recorded_consistently);
 
 /// How a deliberately broken SOCKS5 server misbehaves.
 #[derive(Clone, Copy)]
@@ -239,24 +261,6 @@ fn a_faulty_proxy_is_caught_and_reported() {
     }
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .is_some_and(|zombie| !zombie)
-}
-
-fn children_of(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 #[test]
 fn ctrl_c_mid_run_leaves_no_child_behind() {
     ensure_proxy_built();
@@ -296,7 +300,7 @@ fn ctrl_c_mid_run_leaves_no_child_behind() {
         }
     }
     assert_eq!(pids.len(), 2, "echo and proxy pids: {pids:?}");
-    let workers = children_of(pids[1]);
+    let workers = children(pids[1]);
     assert_eq!(workers.len(), 2, "proxy workers: {workers:?}");
     let everyone: Vec<u32> = pids.iter().chain(&workers).copied().collect();
     assert!(everyone.iter().all(|&pid| alive(pid)));

@@ -1,15 +1,16 @@
 //! The `proxy` binary as a user runs it: flags, ready line, errors, signals, descriptor limits.
 
+#[macro_use]
 mod common;
 
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use proxy::socks5::ReplyCode;
 use proxy::socks5::TargetAddr;
+use proxy::Mode;
 use rustix::process::Signal;
 
 /// Runs the binary to completion and returns (exit code, stderr).
@@ -24,15 +25,6 @@ fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
-fn temp_file(name: &str, contents: &str, mode: u32) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("proxy-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join(name);
-    std::fs::write(&path, contents).expect("write");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    path
-}
-
 #[test]
 fn ready_line_names_the_real_address_and_mode() {
     let echo = Target::echo("127.0.0.1:0");
@@ -43,8 +35,7 @@ fn ready_line_names_the_real_address_and_mode() {
         format!("listening on {} mode=async", proxy.addr)
     );
     let mut stream = open_session(proxy.addr, echo.addr);
-    stream.write_all(b"ping").expect("write");
-    assert_eq!(read_exact(&mut stream, 4).expect("echo"), b"ping");
+    assert_echo(&mut stream, b"ping");
 }
 
 #[test]
@@ -124,8 +115,7 @@ fn sigterm_and_sigint_exit_0_after_draining() {
         let mut stream = open_session(proxy.addr, echo.addr);
         proxy.signal(signal);
         // The running session keeps working during the grace period...
-        stream.write_all(b"draining").expect("write");
-        assert_eq!(read_exact(&mut stream, 8).expect("echo"), b"draining");
+        assert_echo(&mut stream, b"draining");
         // ...and once it ends, the process exits cleanly.
         drop(stream);
         let status = proxy.wait();
@@ -137,14 +127,12 @@ fn sigterm_and_sigint_exit_0_after_draining() {
 fn users_file_authenticates_and_warns_when_world_readable() {
     let echo = Target::echo("127.0.0.1:0");
     let path = temp_file("users-open", "# team\ncarol:pw1\n", 0o644);
-    let output = Command::new(proxy_binary())
-        .args(["--listen", "127.0.0.1:0", "--users-file"])
-        .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut proxy = ProxyProcess::spawn_from(output);
+    let mut proxy = ProxyProcess::start_capturing_stderr(&[
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--users-file".as_ref(),
+        path.as_os_str(),
+    ]);
     let target = TargetAddr::Ip(echo.addr);
     let (_, code, _) = socks_connect(proxy.addr, &target, Some(("carol", "pw1"))).expect("auth");
     assert_eq!(code, ReplyCode::Succeeded);
@@ -158,122 +146,96 @@ fn users_file_authenticates_and_warns_when_world_readable() {
 
 #[test]
 fn public_bind_without_auth_warns_loudly() {
-    let output = Command::new(proxy_binary())
-        .args(["--listen", "0.0.0.0:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut proxy = ProxyProcess::spawn_from(output);
+    let mut proxy = ProxyProcess::start_capturing_stderr(&["--listen", "0.0.0.0:0"]);
     proxy.signal(Signal::TERM);
     assert_eq!(proxy.wait().code(), Some(0));
     let stderr = proxy.take_stderr();
     assert!(stderr.contains("WITHOUT AUTHENTICATION"), "{stderr}");
 }
 
-/// CPU time (user + system, in clock ticks) a process has used.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("comm")
-        .1
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15, counted from 1 with pid and comm first.
-    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
-}
-
-fn ticks_per_second() -> u64 {
-    rustix::param::clock_ticks_per_second()
-}
-
 /// With a soft and hard descriptor limit of 64, more sessions are opened than fit, in every
 /// mode, one after another and then 30 at once: the established ones keep flowing, every other
 /// client is refused promptly and cleanly (EOF, or reply 0x01 when the outgoing socket could
 /// not be created) rather than left queued, and new sessions work once old ones close.
-#[test]
-fn descriptor_exhaustion_refuses_cleanly_and_recovers() {
+fn descriptor_exhaustion_refuses_cleanly_and_recovers(mode: Mode) {
     let echo = Target::echo("127.0.0.1:0");
     let target = TargetAddr::Ip(echo.addr);
-    for mode in all_modes() {
-        let mut command = Command::new("sh");
-        command.args([
-            "-c",
-            "ulimit -n 64 && exec \"$0\" --listen 127.0.0.1:0 --log-level error --mode \"$1\"",
-            proxy_binary(),
-            mode.name(),
-        ]);
-        let mut proxy = ProxyProcess::spawn(command);
-        let mut outcomes = Vec::new();
-        for _ in 0..60 {
-            outcomes.push(attempt_session(proxy.addr, &target));
+    let mut command = Command::new("sh");
+    command.args([
+        "-c",
+        "ulimit -n 64 && exec \"$0\" --listen 127.0.0.1:0 --log-level error --mode \"$1\"",
+        proxy_binary(),
+        mode.name(),
+    ]);
+    let mut proxy = ProxyProcess::spawn(command);
+    let mut outcomes = Vec::new();
+    for _ in 0..60 {
+        outcomes.push(attempt_session(proxy.addr, &target));
+    }
+    let concurrent: Vec<_> = (0..30)
+        .map(|_| {
+            let (addr, target) = (proxy.addr, target.clone());
+            std::thread::spawn(move || attempt_session(addr, &target))
+        })
+        .collect();
+    outcomes.extend(
+        concurrent
+            .into_iter()
+            .map(|t| t.join().expect("client thread")),
+    );
+    let mut established = Vec::new();
+    let mut refused = 0;
+    for outcome in outcomes {
+        match outcome.unwrap_or_else(|err| panic!("{mode}: {err}")) {
+            Attempt::Established(stream) => established.push(stream),
+            Attempt::RefusedWithReply | Attempt::RefusedClosed => refused += 1,
         }
-        let concurrent: Vec<_> = (0..30)
-            .map(|_| {
-                let (addr, target) = (proxy.addr, target.clone());
-                std::thread::spawn(move || attempt_session(addr, &target))
-            })
-            .collect();
-        outcomes.extend(
-            concurrent
-                .into_iter()
-                .map(|t| t.join().expect("client thread")),
-        );
-        let mut established = Vec::new();
-        let mut refused = 0;
-        for outcome in outcomes {
-            match outcome.unwrap_or_else(|err| panic!("{mode}: {err}")) {
-                Attempt::Established(stream) => established.push(stream),
-                Attempt::RefusedWithReply | Attempt::RefusedClosed => refused += 1,
-            }
-        }
-        let count = established.len();
-        assert!(
-            (10..60).contains(&count),
-            "{mode}: {count} sessions established"
-        );
-        assert!(refused >= 30, "{mode}: only {refused} refused");
-        // Saturated, with a newcomer knocking every 20 ms: a busy loop would burn the whole
-        // window, and every knock must still be answered (refused or served), none left queued.
-        let pid = proxy.child.id();
-        let before = cpu_ticks(pid);
-        for _ in 0..100 {
-            let mut knock = connect(proxy.addr);
-            let _ = knock.write_all(&proxy::socks5::client::encode_greeting(&[0]));
-            let mut byte = [0u8; 1];
-            if let Err(err) = std::io::Read::read(&mut knock, &mut byte) {
-                assert!(
-                    !is_timeout(&err),
-                    "{mode}: a knocking client was left waiting"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let spent = cpu_ticks(pid) - before;
-        assert!(
-            spent < ticks_per_second(),
-            "{mode}: {spent} CPU ticks in about 2 s while saturated (a busy loop?)"
-        );
-        assert!(
-            proxy.child.try_wait().expect("try_wait").is_none(),
-            "{mode}: proxy died"
-        );
-        for (i, stream) in established.iter_mut().enumerate() {
+    }
+    let count = established.len();
+    assert!(
+        (10..60).contains(&count),
+        "{mode}: {count} sessions established"
+    );
+    assert!(refused >= 30, "{mode}: only {refused} refused");
+    // Saturated, with a newcomer knocking every 20 ms: a busy loop would burn the whole
+    // window, and every knock must still be answered (refused or served), none left queued.
+    let pid = proxy.child.id();
+    let before = cpu_ticks(pid);
+    for _ in 0..100 {
+        let mut knock = connect(proxy.addr);
+        let _ = knock.write_all(&proxy::socks5::client::encode_greeting(&[0]));
+        let mut byte = [0u8; 1];
+        if let Err(err) = std::io::Read::read(&mut knock, &mut byte) {
             assert!(
-                echo_check(stream, format!("session {i} still flows").as_bytes()),
-                "{mode}: session {i} of {count}"
+                !is_timeout(&err),
+                "{mode}: a knocking client was left waiting"
             );
         }
-        established.truncate(count / 2);
-        let mut recovered = open_session_eventually(proxy.addr, echo.addr)
-            .unwrap_or_else(|| panic!("{mode}: no new session after descriptors were freed"));
-        assert!(echo_check(&mut recovered, b"recovered"), "{mode}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        spent < ticks_per_second(),
+        "{mode}: {spent} CPU ticks in about 2 s while saturated (a busy loop?)"
+    );
+    assert!(
+        proxy.child.try_wait().expect("try_wait").is_none(),
+        "{mode}: proxy died"
+    );
+    for (i, stream) in established.iter_mut().enumerate() {
         assert!(
-            proxy.child.try_wait().expect("try_wait").is_none(),
-            "{mode}: proxy died"
+            echo_check(stream, format!("session {i} still flows").as_bytes()),
+            "{mode}: session {i} of {count}"
         );
     }
+    established.truncate(count / 2);
+    let mut recovered = open_session_eventually(proxy.addr, echo.addr)
+        .unwrap_or_else(|| panic!("{mode}: no new session after descriptors were freed"));
+    assert!(echo_check(&mut recovered, b"recovered"), "{mode}");
+    assert!(
+        proxy.child.try_wait().expect("try_wait").is_none(),
+        "{mode}: proxy died"
+    );
 }
 
 #[test]
@@ -296,8 +258,7 @@ fn a_descriptor_limit_too_low_to_serve_is_refused_before_the_ready_line() {
 /// 127.0.0.2): an unlisted client is closed before any reply, and loopback, link-local and
 /// cloud-metadata, private and unique-local destinations (IPv4, IPv6, IPv4-mapped and by
 /// name) all get 0x02 without being contacted, in every mode.
-#[test]
-fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients() {
+fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(mode: Mode) {
     let users = temp_file("hardened-users", "alice:s3cret\n", 0o600);
     let contacted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = contacted.clone();
@@ -316,80 +277,65 @@ fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(
         TargetAddr::Ip("[::ffff:10.0.0.1]:80".parse().expect("addr")),
         TargetAddr::Domain("localhost".into(), echo.addr.port()),
     ];
-    for mode in all_modes() {
-        let mut command = Command::new(proxy_binary());
-        command.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--mode",
-            mode.name(),
-            "--users-file",
-            users.to_str().expect("path"),
-            "--allow-client",
-            "127.0.0.2/32",
-            "--deny-dest",
-            "127.0.0.0/8",
-            "--deny-dest",
-            "::1/128",
-            "--deny-dest",
-            "169.254.0.0/16",
-            "--deny-dest",
-            "fe80::/10",
-            "--deny-dest",
-            "10.0.0.0/8",
-            "--deny-dest",
-            "172.16.0.0/12",
-            "--deny-dest",
-            "192.168.0.0/16",
-            "--deny-dest",
-            "fc00::/7",
-            "--idle-timeout",
-            "10m",
-            "--max-sessions",
-            "5000",
-            "--log-level",
-            "error",
-        ]);
-        let proxy = ProxyProcess::spawn(command);
+    let mut command = Command::new(proxy_binary());
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        mode.name(),
+        "--users-file",
+        users.to_str().expect("path"),
+        "--allow-client",
+        "127.0.0.2/32",
+        "--deny-dest",
+        "127.0.0.0/8",
+        "--deny-dest",
+        "::1/128",
+        "--deny-dest",
+        "169.254.0.0/16",
+        "--deny-dest",
+        "fe80::/10",
+        "--deny-dest",
+        "10.0.0.0/8",
+        "--deny-dest",
+        "172.16.0.0/12",
+        "--deny-dest",
+        "192.168.0.0/16",
+        "--deny-dest",
+        "fc00::/7",
+        "--idle-timeout",
+        "10m",
+        "--max-sessions",
+        "5000",
+        "--log-level",
+        "error",
+    ]);
+    let proxy = ProxyProcess::spawn(command);
 
-        // A client that is not listed: closed before any reply.
-        let mut unlisted = connect(proxy.addr);
-        let _ = unlisted.write_all(&proxy::socks5::client::encode_greeting(&[2]));
-        assert!(
-            closed_without_data(&mut unlisted),
-            "{mode}: unlisted client"
-        );
+    // A client that is not listed: closed before any reply.
+    let mut unlisted = connect(proxy.addr);
+    let _ = unlisted.write_all(&proxy::socks5::client::encode_greeting(&[2]));
+    assert!(
+        closed_without_data(&mut unlisted),
+        "{mode}: unlisted client"
+    );
 
-        for target in &denied {
-            let socket = rustix::net::socket(
-                rustix::net::AddressFamily::INET,
-                rustix::net::SocketType::STREAM,
-                None,
-            )
-            .expect("socket");
-            let from: std::net::SocketAddr = "127.0.0.2:0".parse().expect("addr");
-            rustix::net::bind(&socket, &from).expect("bind 127.0.0.2");
-            rustix::net::connect(&socket, &proxy.addr).expect("connect");
-            let mut stream = std::net::TcpStream::from(socket);
-            stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-            stream
-                .write_all(&proxy::socks5::client::encode_greeting(&[2]))
-                .expect("greeting");
-            assert_eq!(read_exact(&mut stream, 2).expect("method"), [5, 2]);
-            stream
-                .write_all(&proxy::socks5::client::encode_auth("alice", "s3cret"))
-                .expect("auth");
-            assert_eq!(read_exact(&mut stream, 2).expect("auth reply"), [1, 0]);
-            let mut request = Vec::new();
-            proxy::socks5::client::encode_request(
-                proxy::socks5::Command::Connect,
-                target,
-                &mut request,
-            );
-            stream.write_all(&request).expect("request");
-            let (code, _) = read_reply(&mut stream).expect("reply");
-            assert_eq!(code, ReplyCode::NotAllowed, "{mode}: {target:?}");
-        }
+    for target in &denied {
+        let socket = rustix::net::socket(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .expect("socket");
+        let from: std::net::SocketAddr = "127.0.0.2:0".parse().expect("addr");
+        rustix::net::bind(&socket, &from).expect("bind 127.0.0.2");
+        rustix::net::connect(&socket, &proxy.addr).expect("connect");
+        let mut stream = std::net::TcpStream::from(socket);
+        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        negotiate(&mut stream, Some(("alice", "s3cret"))).expect("authenticated");
+        let (code, _) =
+            request_on(&mut stream, proxy::socks5::Command::Connect, target).expect("reply");
+        assert_eq!(code, ReplyCode::NotAllowed, "{mode}: {target:?}");
     }
     assert_eq!(
         contacted.load(std::sync::atomic::Ordering::SeqCst),
@@ -397,3 +343,8 @@ fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(
         "a denied target was contacted"
     );
 }
+
+per_mode!(
+    the_readme_hardened_example_denies_private_destinations_and_unlisted_clients,
+    descriptor_exhaustion_refuses_cleanly_and_recovers,
+);

@@ -1,14 +1,14 @@
 //! Interoperability with a real SOCKS5 client: curl, against every mode.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
 use std::process::Command;
-use std::sync::Arc;
 
 use common::*;
-use proxy::socks5::auth::UserDb;
 use proxy::Config;
+use proxy::Mode;
 
 const BODY: &str = "hello from the loopback web server\n";
 
@@ -56,8 +56,7 @@ fn curl(proxy_flag: &str, proxy: &str, url: &str, user: Option<&str>) -> (Option
     )
 }
 
-#[test]
-fn curl_fetches_through_every_mode() {
+fn curl_fetches_through_every_mode(mode: Mode) {
     let v4 = web_server("127.0.0.1:0");
     let v6 = web_server("[::1]:0");
     let urls = [
@@ -65,40 +64,34 @@ fn curl_fetches_through_every_mode() {
         format!("http://[::1]:{}/", v6.addr.port()),
         format!("http://localhost:{}/", v4.addr.port()),
     ];
-    for mode in all_modes() {
-        let server = TestServer::start(mode, Config::default());
-        let proxy = server.addr.to_string();
-        for flag in ["--socks5", "--socks5-hostname"] {
-            for url in &urls {
-                let (code, body) = curl(flag, &proxy, url, None);
-                assert_eq!(code, Some(0), "{mode} {flag} {url}");
-                assert_eq!(body, BODY, "{mode} {flag} {url}");
-            }
+    let server = TestServer::start(mode, Config::default());
+    let proxy = server.addr.to_string();
+    for flag in ["--socks5", "--socks5-hostname"] {
+        for url in &urls {
+            let (code, body) = curl(flag, &proxy, url, None);
+            assert_eq!(code, Some(0), "{mode} {flag} {url}");
+            assert_eq!(body, BODY, "{mode} {flag} {url}");
         }
     }
 }
 
-#[test]
-fn curl_authenticates_with_proxy_user() {
+fn curl_authenticates_with_proxy_user(mode: Mode) {
     let web = web_server("127.0.0.1:0");
     let url = format!("http://localhost:{}/", web.addr.port());
-    let mut users = UserDb::default();
-    users.insert("alice", "s3cret");
-    for mode in all_modes() {
-        let config = Config {
-            users: Some(Arc::new(users.clone())),
-            ..Config::default()
-        };
-        let server = TestServer::start(mode, config);
-        let proxy = server.addr.to_string();
-        for flag in ["--socks5", "--socks5-hostname"] {
-            let (code, body) = curl(flag, &proxy, &url, Some("alice:s3cret"));
-            assert_eq!((code, body.as_str()), (Some(0), BODY), "{mode} {flag}");
-            let (code, body) = curl(flag, &proxy, &url, Some("alice:wrong"));
-            assert_ne!(code, Some(0), "{mode} {flag}: wrong password accepted");
-            assert!(body.is_empty());
-            let (code, _) = curl(flag, &proxy, &url, None);
-            assert_ne!(code, Some(0), "{mode} {flag}: no credentials accepted");
-        }
+    let server = TestServer::start(mode, with_users(&[("alice", "s3cret")]));
+    let proxy = server.addr.to_string();
+    for flag in ["--socks5", "--socks5-hostname"] {
+        let (code, body) = curl(flag, &proxy, &url, Some("alice:s3cret"));
+        assert_eq!((code, body.as_str()), (Some(0), BODY), "{mode} {flag}");
+        let (code, body) = curl(flag, &proxy, &url, Some("alice:wrong"));
+        assert_ne!(code, Some(0), "{mode} {flag}: wrong password accepted");
+        assert!(body.is_empty());
+        let (code, _) = curl(flag, &proxy, &url, None);
+        assert_ne!(code, Some(0), "{mode} {flag}: no credentials accepted");
     }
 }
+
+per_mode!(
+    curl_fetches_through_every_mode,
+    curl_authenticates_with_proxy_user,
+);

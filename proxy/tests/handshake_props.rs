@@ -1,5 +1,8 @@
 //! Property tests over the sans-IO handshake: arbitrary bytes, split at arbitrary points.
 
+#[macro_use]
+mod common;
+
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -16,9 +19,7 @@ struct Outcome {
 }
 
 fn users() -> Option<Arc<UserDb>> {
-    let mut db = UserDb::default();
-    db.insert("alice", "s3cret");
-    Some(Arc::new(db))
+    Some(common::user_db(&[("alice", "s3cret")]))
 }
 
 /// Feeds `input` in chunks ending at `cuts`, stopping as soon as the machine stops asking.

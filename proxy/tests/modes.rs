@@ -1,5 +1,6 @@
 //! Mode-specific behaviour: select's FD_SETSIZE wall, and `--workers` processes.
 
+#[macro_use]
 mod common;
 
 use std::net::TcpStream;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use proxy::socks5::ReplyCode;
 use proxy::socks5::TargetAddr;
+use proxy::Mode;
 use rustix::process::Signal;
 
 /// select cannot watch descriptors ≥ 1024: sessions beyond the wall are refused cleanly, the
@@ -54,15 +56,6 @@ fn select_refuses_sessions_beyond_fd_setsize_and_recovers() {
     assert_eq!(served, 50, "new sessions after 100 closed");
 }
 
-/// The PIDs of a process's children.
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 /// The inode of the IPv4 TCP socket with local port `port` connected to `remote`, from
 /// /proc/net/tcp (a local port alone is ambiguous: the kernel reuses ephemeral ports for
 /// different destinations).
@@ -86,122 +79,124 @@ fn inode_of(port: u16, remote: std::net::SocketAddr) -> Option<u64> {
 
 /// In every mode: two workers share the port, SIGKILL on one leaves the other's sessions
 /// untouched, the parent starts a replacement, and SIGTERM ends everything with exit 0.
-#[test]
-fn workers_share_the_port_and_a_dead_worker_is_replaced() {
+fn workers_share_the_port_and_a_dead_worker_is_replaced(mode: Mode) {
     let echo = Target::echo("127.0.0.1:0");
-    for mode in all_modes() {
-        let mut proxy = ProxyProcess::start(&[
-            "--workers",
-            "2",
-            "--mode",
-            mode.name(),
-            "--threads",
-            "1",
-            "--log-level",
-            "warn",
-        ]);
-        let parent = proxy.child.id();
-        let workers = children(parent);
-        assert_eq!(workers.len(), 2, "{mode}: {workers:?}");
+    let mut proxy = ProxyProcess::start(&[
+        "--workers",
+        "2",
+        "--mode",
+        mode.name(),
+        "--threads",
+        "1",
+        "--log-level",
+        "warn",
+    ]);
+    let parent = proxy.child.id();
+    let workers = children(parent);
+    assert_eq!(workers.len(), 2, "{mode}: {workers:?}");
 
-        // Open sessions and find which worker holds each (by its outgoing socket's inode).
-        let mut sessions: Vec<(TcpStream, u32)> = Vec::new();
-        for _ in 0..40 {
-            let (stream, code, bound) =
-                socks_connect(proxy.addr, &TargetAddr::Ip(echo.addr), None).expect("handshake");
-            assert_eq!(code, ReplyCode::Succeeded);
-            let TargetAddr::Ip(bound) = bound else {
-                panic!("bound is not an IP")
-            };
-            let inode =
-                inode_of(bound.port(), echo.addr).expect("outgoing socket in /proc/net/tcp");
-            let owner = workers
-                .iter()
-                .copied()
-                .find(|&pid| socket_inodes(pid).contains(&inode))
-                .unwrap_or_else(|| {
-                    panic!(
-                        "no worker holds inode {inode} (port {}): {:?}",
-                        bound.port(),
-                        workers
-                            .iter()
-                            .map(|&p| socket_inodes(p))
-                            .collect::<Vec<_>>()
-                    )
-                });
-            sessions.push((stream, owner));
-        }
-        let victim = workers[0];
-        let survivor = workers[1];
-        let on_victim = sessions.iter().filter(|(_, pid)| *pid == victim).count();
-        assert!(
-            on_victim > 0 && on_victim < 40,
-            "{mode}: sessions on both workers ({on_victim} of 40 on one)"
-        );
-
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(victim as i32).expect("pid"),
-            Signal::KILL,
-        )
-        .expect("kill worker");
-        for (stream, pid) in sessions.iter_mut() {
-            if *pid == survivor {
-                assert!(
-                    echo_check(stream, b"untouched"),
-                    "{mode}: survivor's session broken"
-                );
-            } else {
-                assert!(
-                    closed_without_data(stream),
-                    "{mode}: victim's session still open"
-                );
-            }
-        }
-        // The parent starts a replacement.
-        let mut replaced = false;
-        for _ in 0..500 {
-            let now = children(parent);
-            if now.len() == 2 && now.contains(&survivor) && !now.contains(&victim) {
-                replaced = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(
-            replaced,
-            "{mode}: no replacement worker: {:?}",
-            children(parent)
-        );
-        for _ in 0..10 {
-            let mut stream = open_session(proxy.addr, echo.addr);
-            assert!(echo_check(&mut stream, b"after the replacement"));
-        }
-        drop(sessions);
-        proxy.signal(Signal::TERM);
-        let status = proxy.wait();
-        assert_eq!(status.code(), Some(0), "{mode}: {status}");
-        assert!(children(parent).is_empty());
+    // Open sessions and find which worker holds each (by its outgoing socket's inode).
+    let mut sessions: Vec<(TcpStream, u32)> = Vec::new();
+    for _ in 0..40 {
+        let (stream, code, bound) =
+            socks_connect(proxy.addr, &TargetAddr::Ip(echo.addr), None).expect("handshake");
+        assert_eq!(code, ReplyCode::Succeeded);
+        let TargetAddr::Ip(bound) = bound else {
+            panic!("bound is not an IP")
+        };
+        let inode = inode_of(bound.port(), echo.addr).expect("outgoing socket in /proc/net/tcp");
+        let owner = workers
+            .iter()
+            .copied()
+            .find(|&pid| socket_inodes(pid).contains(&inode))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no worker holds inode {inode} (port {}): {:?}",
+                    bound.port(),
+                    workers
+                        .iter()
+                        .map(|&p| socket_inodes(p))
+                        .collect::<Vec<_>>()
+                )
+            });
+        sessions.push((stream, owner));
     }
+    let victim = workers[0];
+    let survivor = workers[1];
+    let on_victim = sessions.iter().filter(|(_, pid)| *pid == victim).count();
+    assert!(
+        on_victim > 0 && on_victim < 40,
+        "{mode}: sessions on both workers ({on_victim} of 40 on one)"
+    );
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(victim as i32).expect("pid"),
+        Signal::KILL,
+    )
+    .expect("kill worker");
+    for (stream, pid) in sessions.iter_mut() {
+        if *pid == survivor {
+            assert!(
+                echo_check(stream, b"untouched"),
+                "{mode}: survivor's session broken"
+            );
+        } else {
+            assert!(
+                closed_without_data(stream),
+                "{mode}: victim's session still open"
+            );
+        }
+    }
+    // The parent starts a replacement.
+    let mut replaced = false;
+    for _ in 0..500 {
+        let now = children(parent);
+        if now.len() == 2 && now.contains(&survivor) && !now.contains(&victim) {
+            replaced = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        replaced,
+        "{mode}: no replacement worker: {:?}",
+        children(parent)
+    );
+    for _ in 0..10 {
+        let mut stream = open_session(proxy.addr, echo.addr);
+        assert!(echo_check(&mut stream, b"after the replacement"));
+    }
+    drop(sessions);
+    proxy.signal(Signal::TERM);
+    let status = proxy.wait();
+    assert_eq!(status.code(), Some(0), "{mode}: {status}");
+    assert!(children(parent).is_empty());
+}
+
+fn every_mode_is_accepted_by_the_binary(mode: Mode) {
+    let echo = Target::echo("127.0.0.1:0");
+    let mut proxy = ProxyProcess::start(&["--mode", mode.name()]);
+    assert!(proxy
+        .ready_line
+        .trim_end()
+        .ends_with(&format!("mode={mode}")));
+    let mut stream = open_session(proxy.addr, echo.addr);
+    assert!(echo_check(&mut stream, mode.name().as_bytes()));
+    drop(stream);
+    proxy.signal(Signal::TERM);
+    assert_eq!(proxy.wait().code(), Some(0), "{mode}");
 }
 
 #[test]
-fn every_mode_is_accepted_by_the_binary() {
-    let echo = Target::echo("127.0.0.1:0");
-    for mode in all_modes() {
-        let mut proxy = ProxyProcess::start(&["--mode", mode.name()]);
-        assert!(proxy
-            .ready_line
-            .trim_end()
-            .ends_with(&format!("mode={mode}")));
-        let mut stream = open_session(proxy.addr, echo.addr);
-        assert!(echo_check(&mut stream, mode.name().as_bytes()));
-        drop(stream);
-        proxy.signal(Signal::TERM);
-        assert_eq!(proxy.wait().code(), Some(0), "{mode}");
-    }
+fn a_stack_size_below_the_minimum_exits_2() {
     let output = Command::new(proxy_binary())
         .args(["--mode", "threads", "--stack-size", "4k"])
         .output()
         .expect("run");
     assert_eq!(output.status.code(), Some(2));
 }
+
+per_mode!(
+    every_mode_is_accepted_by_the_binary,
+    workers_share_the_port_and_a_dead_worker_is_replaced,
+);

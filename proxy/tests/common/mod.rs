@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use clap::ValueEnum;
+use proxy::socks5::auth::UserDb;
 use proxy::socks5::client;
 use proxy::socks5::Command;
 use proxy::socks5::ReplyCode;
@@ -19,9 +19,44 @@ use proxy::{Config, Mode, Shutdown};
 /// Every socket read in a test gives up after this long, so a bug fails instead of hanging.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Every mode the server has.
-pub fn all_modes() -> Vec<Mode> {
-    Mode::value_variants().to_vec()
+pub mod procfs;
+#[allow(unused_imports)]
+pub use procfs::*;
+
+/// One test per mode for each case written as `fn case(mode: Mode)`: `per_mode!(case);`
+/// makes `case::threads`, `case::select`, … `case::async_tokio`, so a red test names its mode
+/// and `cargo test epoll_et` runs one mode. `per_mode!(only [Async]: case)` runs a case in the
+/// modes listed. Needs `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! per_mode {
+    (only $modes:tt: $case:ident $(, $rest:ident)* $(,)?) => {
+        per_mode!(@case $case $modes);
+        per_mode!(only $modes: $($rest),*);
+    };
+    (only $modes:tt:) => {};
+    (@case $case:ident [$($mode:ident),+ $(,)?]) => {
+        mod $case {
+            $(per_mode!(@test $case $mode);)+
+        }
+    };
+    (@test $case:ident Threads) => { #[test] fn threads() { super::$case(proxy::Mode::Threads) } };
+    (@test $case:ident Select) => { #[test] fn select() { super::$case(proxy::Mode::Select) } };
+    (@test $case:ident Poll) => { #[test] fn poll() { super::$case(proxy::Mode::Poll) } };
+    (@test $case:ident Epoll) => { #[test] fn epoll() { super::$case(proxy::Mode::Epoll) } };
+    (@test $case:ident EpollEt) => { #[test] fn epoll_et() { super::$case(proxy::Mode::EpollEt) } };
+    (@test $case:ident Async) => { #[test] fn async_tokio() { super::$case(proxy::Mode::Async) } };
+    ($($case:ident),+ $(,)?) => {
+        // A mode added to `Mode` fails to compile here until it gets its tests below.
+        const _: fn(proxy::Mode) = |mode| match mode {
+            proxy::Mode::Threads
+            | proxy::Mode::Select
+            | proxy::Mode::Poll
+            | proxy::Mode::Epoll
+            | proxy::Mode::EpollEt
+            | proxy::Mode::Async => {}
+        };
+        per_mode!(only [Threads, Select, Poll, Epoll, EpollEt, Async]: $($case),+);
+    };
 }
 
 /// A server running in this process on 127.0.0.1:<free port>.
@@ -76,6 +111,7 @@ impl Drop for TestServer {
 }
 
 /// A connected socket with test timeouts set.
+#[track_caller]
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
@@ -125,6 +161,37 @@ pub fn read_exact(stream: &mut TcpStream, n: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Greets with "no auth" (or username/password, which must be accepted) on a connected
+/// stream.
+pub fn negotiate(stream: &mut TcpStream, credentials: Option<(&str, &str)>) -> io::Result<()> {
+    let method = if credentials.is_some() { 2 } else { 0 };
+    stream.write_all(&client::encode_greeting(&[method]))?;
+    let chosen = read_exact(stream, 2)?;
+    if chosen != [5, method] {
+        return Err(io::Error::other(format!("method reply {chosen:?}")));
+    }
+    if let Some((name, password)) = credentials {
+        stream.write_all(&client::encode_auth(name, password))?;
+        let status = read_exact(stream, 2)?;
+        if status != [1, 0] {
+            return Err(io::Error::other(format!("auth reply {status:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// Sends a request after the greeting and reads its (first) reply.
+pub fn request_on(
+    stream: &mut TcpStream,
+    command: Command,
+    target: &TargetAddr,
+) -> io::Result<(ReplyCode, TargetAddr)> {
+    let mut request = Vec::new();
+    client::encode_request(command, target, &mut request);
+    stream.write_all(&request)?;
+    read_reply(stream)
+}
+
 /// Greets with "no auth" (or username/password), requests CONNECT to `target`, and returns the
 /// stream with the reply read.
 pub fn socks_connect(
@@ -133,27 +200,13 @@ pub fn socks_connect(
     credentials: Option<(&str, &str)>,
 ) -> io::Result<(TcpStream, ReplyCode, TargetAddr)> {
     let mut stream = connect(proxy);
-    let method = if credentials.is_some() { 2 } else { 0 };
-    stream.write_all(&client::encode_greeting(&[method]))?;
-    let chosen = read_exact(&mut stream, 2)?;
-    if chosen != [5, method] {
-        return Err(io::Error::other(format!("method reply {chosen:?}")));
-    }
-    if let Some((name, password)) = credentials {
-        stream.write_all(&client::encode_auth(name, password))?;
-        let status = read_exact(&mut stream, 2)?;
-        if status != [1, 0] {
-            return Err(io::Error::other(format!("auth reply {status:?}")));
-        }
-    }
-    let mut request = Vec::new();
-    client::encode_request(Command::Connect, target, &mut request);
-    stream.write_all(&request)?;
-    let (code, bound) = read_reply(&mut stream)?;
+    negotiate(&mut stream, credentials)?;
+    let (code, bound) = request_on(&mut stream, Command::Connect, target)?;
     Ok((stream, code, bound))
 }
 
 /// Like [`socks_connect`] but insists on success.
+#[track_caller]
 pub fn open_session(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
     let (stream, code, _) =
         socks_connect(proxy, &TargetAddr::Ip(target), None).expect("SOCKS5 handshake");
@@ -288,6 +341,18 @@ impl ProxyProcess {
             let _ = stderr.read_to_string(&mut text);
         }
         text
+    }
+
+    /// Starts the proxy binary with `args` (which name the listen address), keeping its
+    /// stderr for [`ProxyProcess::take_stderr`].
+    pub fn start_capturing_stderr<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        let child = std::process::Command::new(proxy_binary())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn proxy");
+        Self::spawn_from(child)
     }
 
     /// Starts the proxy binary with `args` on a free loopback port.
@@ -443,6 +508,50 @@ pub fn is_timeout(err: &io::Error) -> bool {
 pub fn echo_check(stream: &mut TcpStream, message: &[u8]) -> bool {
     stream.write_all(message).is_ok()
         && read_exact(stream, message.len()).is_ok_and(|echo| echo == message)
+}
+
+/// Writes `message` and insists it comes back intact.
+#[track_caller]
+pub fn assert_echo(stream: &mut TcpStream, message: &[u8]) {
+    stream.write_all(message).expect("write");
+    assert_eq!(read_exact(stream, message.len()).expect("echo"), message);
+}
+
+/// A user list for username/password authentication.
+pub fn user_db(users: &[(&str, &str)]) -> Arc<UserDb> {
+    let mut db = UserDb::default();
+    for (name, password) in users {
+        db.insert(name, password);
+    }
+    Arc::new(db)
+}
+
+/// A server configuration requiring these users.
+pub fn with_users(users: &[(&str, &str)]) -> Config {
+    Config {
+        users: Some(user_db(users)),
+        ..Config::default()
+    }
+}
+
+/// A file of this test process's temporary directory with `contents` and permission `mode`;
+/// the directory is per process, so parallel test binaries do not collide.
+#[track_caller]
+pub fn temp_file(name: &str, contents: &str, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("proxy-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("write temp file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    path
+}
+
+/// A users file (`name:password` lines) with permission `mode`.
+#[track_caller]
+pub fn users_file(name: &str, users: &[(&str, &str)], mode: u32) -> std::path::PathBuf {
+    let text: String = users.iter().map(|(n, p)| format!("{n}:{p}\n")).collect();
+    temp_file(name, &text, mode)
 }
 
 /// How the proxy answered one session attempt while short of a resource.
