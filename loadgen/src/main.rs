@@ -1,10 +1,10 @@
 //! `loadgen`: opens N concurrent SOCKS5 sessions through the proxy to a loopback echo target
 //! and measures throughput, latency, and the proxy's memory and CPU.
 
-mod children;
 mod echo;
 mod plot;
 mod record;
+mod stack;
 mod workload;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -19,11 +19,11 @@ use clap::{Parser, Subcommand};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use children::{ChildProcess, ProcessProbe};
 use record::{
     EncodedHistograms, KernelUsage, Latencies, LoadgenUsage, Messages, Percentiles, ProxyUsage,
     Record, RunConfig, Sessions,
 };
+use stack::{ChildProcess, ProcessProbe};
 use workload::{lock, Phase, Plan, Shared};
 
 /// Descriptors loadgen and the echo target keep besides one per session.
@@ -304,7 +304,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else if args.mode == "direct" {
         (None, None, "direct".to_owned())
     } else {
-        let binary = children::proxy_binary(args.proxy_bin.as_deref())?;
+        let binary = stack::proxy_binary(args.proxy_bin.as_deref())?;
         let mut cmd = Command::new(binary);
         cmd.args([
             "--listen",
@@ -462,7 +462,7 @@ async fn drive(
     let before = tree(&mut probe);
     proxy_usage.rss_before = before.rss_bytes;
     proxy_usage.processes = before.processes;
-    kernel.tcp_mem_before = children::kernel_tcp().1;
+    kernel.tcp_mem_before = stack::kernel_tcp().1;
 
     let run = async {
         // Ramp.
@@ -518,7 +518,7 @@ async fn drive(
         let idle = tree(&mut probe);
         proxy_usage.rss_idle = idle.rss_bytes;
         proxy_usage.processes = idle.processes;
-        let (sockets, mem) = children::kernel_tcp();
+        let (sockets, mem) = stack::kernel_tcp();
         kernel.tcp_mem_idle = mem;
         kernel.tcp_sockets_idle = sockets;
 
@@ -526,11 +526,11 @@ async fn drive(
         shared.set_phase(Phase::Warmup);
         tokio::time::sleep(args.warmup).await;
         let window_start_usage = tree(&mut probe);
-        let own_start = children::own_cpu_ms();
+        let own_start = stack::own_cpu_ms();
         shared.set_phase(Phase::Measure);
         let window_start = tokio::time::Instant::now();
         let mut peak_rss = window_start_usage.rss_bytes;
-        let mut peak_tcp = children::kernel_tcp().1;
+        let mut peak_tcp = stack::kernel_tcp().1;
         let mut last_messages = shared.messages_total.load(Ordering::Relaxed);
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.tick().await;
@@ -542,7 +542,7 @@ async fn drive(
             }
             let usage = tree(&mut probe);
             peak_rss = peak_rss.max(usage.rss_bytes);
-            peak_tcp = peak_tcp.max(children::kernel_tcp().1);
+            peak_tcp = peak_tcp.max(stack::kernel_tcp().1);
             let total = shared.messages_total.load(Ordering::Relaxed);
             if !quiet {
                 let p99 = lock(&shared.histograms.rtt).value_at_quantile(0.99);
@@ -560,7 +560,7 @@ async fn drive(
         }
         let window = window_start.elapsed();
         let window_end_usage = tree(&mut probe);
-        let own_end = children::own_cpu_ms();
+        let own_end = stack::own_cpu_ms();
         shared.set_phase(Phase::Stop);
         proxy_usage.rss_peak = peak_rss.max(window_end_usage.rss_bytes);
         proxy_usage.cpu_window_s = window_end_usage

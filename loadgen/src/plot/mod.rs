@@ -31,7 +31,7 @@ const ORDER: [&str; 7] = [
     "direct", "threads", "select", "poll", "epoll", "epoll-et", "async",
 ];
 const SIZE: (u32, u32) = (1100, 700);
-const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 /// One plotted point: the medians of a group of repeated runs.
 #[derive(Debug, Clone)]
