@@ -27,7 +27,6 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-modes=(direct threads select poll epoll epoll-et async)
 if [[ $quick == 1 ]]; then
     conns_list=(100 1000)
     timing=(--duration 2s --warmup 500ms --idle-hold 500ms)
@@ -41,6 +40,8 @@ tag="c10k-$(date -u +%Y%m%dT%H%M%SZ)"
 
 cargo build --release --workspace --quiet
 loadgen=./target/release/loadgen
+# `direct`, then every proxy mode, as loadgen knows them.
+mapfile -t modes < <("$loadgen" modes)
 
 # Optional external servers: name, command to start (listening on 127.0.0.1:PORT).
 externals=()

@@ -22,7 +22,7 @@ pub fn run(addrs: &[SocketAddr], threads: usize) -> anyhow::Result<()> {
     if rustix::process::getppid().is_none_or(|pid| pid.as_raw_nonzero().get() == 1) {
         anyhow::bail!("parent already gone");
     }
-    crate::raise_nofile_limit();
+    crate::stack::raise_nofile_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()

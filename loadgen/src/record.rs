@@ -1,11 +1,13 @@
-//! One record per run: JSON with every measurement, the histograms as .hgrm text beside it,
-//! and a row in results/summary.csv. Histograms are also stored serialized (HdrHistogram V2,
-//! deflated, base64) so records from different runs or hosts can be merged.
+//! One record per run: its schema, its typed outcome and failure causes, how it is assembled
+//! from what a run measured, and its JSON file. Histograms are stored serialized (HdrHistogram
+//! V2, deflated, base64) so records from different runs or hosts can be merged. The text
+//! summary, the .hgrm files and results/summary.csv are in `report.rs`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::io::Write as _;
+use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use base64::Engine;
@@ -13,8 +15,138 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer}
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::cli::RunArgs;
+use crate::measure::lock;
+use crate::run::Measured;
+use crate::stack::Resources;
+use crate::workload::Plan;
+
 /// Bumped when a field changes meaning or disappears.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// Why a dial failed or an established session was dropped; its text is the key it is
+/// counted under in `sessions.failures` and `sessions.dropped`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    /// The connection was refused.
+    Refused,
+    /// The connection was reset (or the pipe broke).
+    Reset,
+    /// The peer closed early.
+    Eof,
+    /// No answer within `--io-timeout`.
+    Timeout,
+    /// No ephemeral port was free for the source address.
+    NoSourcePort,
+    /// loadgen itself ran out of descriptors.
+    LoadgenOutOfDescriptors,
+    /// Another I/O error, by kind.
+    Io(io::ErrorKind),
+    /// The server chose a method loadgen did not offer.
+    Method(u8),
+    /// Username/password was rejected.
+    AuthRejected,
+    /// The CONNECT reply carried this failure code.
+    Socks(u8),
+    /// The reply could not be parsed.
+    BadReply,
+    /// An echo differed from what was sent.
+    Corrupted,
+}
+
+impl Cause {
+    /// Classifies an I/O error.
+    pub fn of(err: &io::Error) -> Self {
+        if err.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) {
+            return Cause::LoadgenOutOfDescriptors;
+        }
+        match err.kind() {
+            io::ErrorKind::ConnectionRefused => Cause::Refused,
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Cause::Reset,
+            io::ErrorKind::UnexpectedEof => Cause::Eof,
+            io::ErrorKind::TimedOut => Cause::Timeout,
+            io::ErrorKind::AddrNotAvailable => Cause::NoSourcePort,
+            kind => Cause::Io(kind),
+        }
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cause::Refused => f.write_str("refused"),
+            Cause::Reset => f.write_str("reset"),
+            Cause::Eof => f.write_str("eof"),
+            Cause::Timeout => f.write_str("timeout"),
+            Cause::NoSourcePort => f.write_str("no-source-port"),
+            Cause::LoadgenOutOfDescriptors => f.write_str("loadgen-out-of-descriptors"),
+            Cause::Io(kind) => write!(f, "io: {kind}"),
+            Cause::Method(method) => write!(f, "method-{method:02x}"),
+            Cause::AuthRejected => f.write_str("auth-rejected"),
+            Cause::Socks(code) => write!(f, "socks-{code:#04x}"),
+            Cause::BadReply => f.write_str("bad-reply"),
+            Cause::Corrupted => f.write_str("corrupted"),
+        }
+    }
+}
+
+/// How a run ended. Stored in the JSON as text: `ok`, or why the run failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
+pub enum Outcome {
+    /// Every established session kept its bytes, and the proxy lived.
+    Ok,
+    /// This many echoes differed from what was sent.
+    Corrupted(u64),
+    /// The proxy exited during the run, with this status.
+    ProxyDied(String),
+    /// Established sessions broke mid-run, by cause.
+    Dropped(BTreeMap<String, u64>),
+    /// A failure read back from a stored record.
+    Failed(String),
+}
+
+impl Outcome {
+    /// Whether the run succeeded.
+    pub fn is_ok(&self) -> bool {
+        *self == Outcome::Ok
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Ok => f.write_str("ok"),
+            Outcome::Corrupted(n) => write!(
+                f,
+                "data corruption: {n} echoed messages differed from what was sent"
+            ),
+            Outcome::ProxyDied(status) => write!(f, "the proxy died during the run ({status})"),
+            Outcome::Dropped(causes) => write!(
+                f,
+                "{} established sessions were dropped mid-run ({causes:?}): bytes in flight were lost",
+                causes.values().sum::<u64>()
+            ),
+            Outcome::Failed(text) => f.write_str(text),
+        }
+    }
+}
+
+impl From<Outcome> for String {
+    fn from(outcome: Outcome) -> String {
+        outcome.to_string()
+    }
+}
+
+impl From<String> for Outcome {
+    fn from(text: String) -> Outcome {
+        if text == "ok" {
+            Outcome::Ok
+        } else {
+            Outcome::Failed(text)
+        }
+    }
+}
 
 /// The machine a run happened on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -255,7 +387,7 @@ pub struct Record {
     /// loadgen's own cost.
     pub loadgen: LoadgenUsage,
     /// `ok`, or why the run failed.
-    pub outcome: String,
+    pub outcome: Outcome,
     /// Serialized histograms.
     pub histograms: EncodedHistograms,
 }
@@ -279,79 +411,11 @@ pub fn decode(text: &str) -> anyhow::Result<Histogram<u64>> {
         .map_err(|e| anyhow::anyhow!("cannot read histogram: {e:?}"))
 }
 
-/// HdrHistogram's percentile distribution text (the .hgrm format), values in µs.
-pub fn percentile_distribution(histogram: &Histogram<u64>) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:>12} {:>14} {:>10} {:>14}\n",
-        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
-    );
-    let mut total = 0u64;
-    for value in histogram.iter_quantiles(5) {
-        total += value.count_since_last_iteration();
-        let quantile = value.quantile_iterated_to();
-        if quantile < 1.0 {
-            let _ = writeln!(
-                out,
-                "{:>12.3} {:>14.12} {:>10} {:>14.2}",
-                value.value_iterated_to() as f64,
-                quantile,
-                total,
-                1.0 / (1.0 - quantile)
-            );
-        } else {
-            let _ = writeln!(
-                out,
-                "{:>12.3} {:>14.12} {:>10}",
-                value.value_iterated_to() as f64,
-                quantile,
-                total
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]",
-        histogram.mean(),
-        histogram.stdev()
-    );
-    let _ = writeln!(
-        out,
-        "#[Max     = {:>12.3}, Total count    = {:>12}]",
-        histogram.max() as f64,
-        histogram.len()
-    );
-    let _ = writeln!(
-        out,
-        "#[Buckets = {:>12}, SubBuckets     = {:>12}]",
-        histogram.buckets(),
-        histogram.distinct_values()
-    );
-    out
-}
-
 /// UTC now as RFC 3339 (`2026-11-28T19:32:55Z`) and as a file-name stamp (`20261128T193255Z`).
 pub fn utc_now() -> (String, String) {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    (
-        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z"),
-        format!("{year:04}{month:02}{day:02}T{h:02}{m:02}{s:02}Z"),
-    )
+    let rfc3339 = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let stamp = rfc3339.replace(['-', ':'], "");
+    (rfc3339, stamp)
 }
 
 /// The workspace's git revision (with `-dirty` for uncommitted changes), if git knows it.
@@ -375,64 +439,141 @@ pub fn git_revision() -> Option<String> {
     })
 }
 
-/// The columns of results/summary.csv.
-pub const SUMMARY_HEADER: &str = "started_at,label,mode,conns,workers,rate,size,established,failed,dropped,corrupted,msgs_per_s,rtt_p50_us,rtt_p99_us,rtt_p999_us,handshake_p99_us,rss_per_session_idle,cpu_us_per_message,outcome,record";
-
-/// Writes `runs/<stamp>-<label>-c<conns>.json`, the .hgrm files, and a summary row.
-pub fn write(
-    dir: &Path,
-    stamp: &str,
-    record: &Record,
-    histograms: &[(&str, &Histogram<u64>)],
-) -> anyhow::Result<PathBuf> {
+/// Writes the record as `runs/<stamp>-<label>-c<conns>.json` under `dir`; returns its path.
+pub fn write(dir: &Path, stamp: &str, record: &Record) -> anyhow::Result<PathBuf> {
     let runs = dir.join("runs");
     std::fs::create_dir_all(&runs).with_context(|| format!("cannot create {}", runs.display()))?;
     let base = format!("{stamp}-{}-c{}", record.config.label, record.config.conns);
     let json_path = runs.join(format!("{base}.json"));
     std::fs::write(&json_path, serde_json::to_string_pretty(record)? + "\n")
         .with_context(|| format!("cannot write {}", json_path.display()))?;
-    for (name, histogram) in histograms {
-        let path = runs.join(format!("{base}-{name}.hgrm"));
-        std::fs::write(&path, percentile_distribution(histogram))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    let summary = dir.join("summary.csv");
-    let new_file = !summary.exists();
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&summary)
-        .with_context(|| format!("cannot open {}", summary.display()))?;
-    if new_file {
-        writeln!(file, "{SUMMARY_HEADER}")?;
-    }
-    let c = &record.config;
-    let dropped: u64 = record.sessions.dropped.values().sum();
-    writeln!(
-        file,
-        "{},{},{},{},{},{},{},{},{},{},{},{:.1},{},{},{},{},{:.0},{:.2},{},{}",
-        record.started_at,
-        c.label,
-        c.mode,
-        c.conns,
-        c.workers,
-        c.rate.map_or(String::new(), |r| format!("{r}")),
-        c.size,
-        record.sessions.established,
-        record.sessions.failed,
-        dropped,
-        record.messages.corrupted,
-        record.messages.per_second,
-        record.latency_us.rtt.p50,
-        record.latency_us.rtt.p99,
-        record.latency_us.rtt.p999,
-        record.latency_us.handshake.p99,
-        record.proxy.rss_per_session_idle,
-        record.proxy.cpu_us_per_message,
-        record.outcome,
-        json_path.strip_prefix(dir).unwrap_or(&json_path).display()
-    )?;
     Ok(json_path)
+}
+
+/// Assembles the record of a run from its settings and what it measured.
+pub fn assemble(
+    args: &RunArgs,
+    plan: &Plan,
+    resources: &Resources,
+    label: &str,
+    started_at: String,
+    measured: Measured,
+) -> anyhow::Result<Record> {
+    let shared = &measured.shared;
+    let established = shared.established.load(Ordering::Relaxed);
+    let messages = shared.messages.load(Ordering::Relaxed);
+    let window_s = measured.window.as_secs_f64();
+    let mut proxy = measured.proxy;
+    let per_session = |rss: u64| {
+        if established == 0 {
+            0.0
+        } else {
+            rss.saturating_sub(proxy.rss_before) as f64 / established as f64
+        }
+    };
+    proxy.rss_per_session_idle = per_session(proxy.rss_idle);
+    proxy.rss_per_session_peak = per_session(proxy.rss_peak);
+    proxy.cpu_us_per_message = if messages == 0 {
+        0.0
+    } else {
+        proxy.cpu_window_s * 1e6 / messages as f64
+    };
+    let corrupted = shared.corrupted.load(Ordering::Relaxed);
+    let dropped = lock(&shared.dropped).clone();
+    let outcome = if corrupted > 0 {
+        Outcome::Corrupted(corrupted)
+    } else if let Some(status) = measured.proxy_died {
+        Outcome::ProxyDied(status)
+    } else if dropped.values().sum::<u64>() > 0 {
+        Outcome::Dropped(dropped.clone())
+    } else {
+        Outcome::Ok
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let loadgen = LoadgenUsage {
+        cpu_window_s: measured.loadgen_cpu_s,
+        maybe_bottleneck: window_s > 0.0 && measured.loadgen_cpu_s / window_s > 0.8 * cores,
+    };
+    let handshake = lock(&shared.histograms.handshake).clone();
+    let rtt = lock(&shared.histograms.rtt).clone();
+    let service = lock(&shared.histograms.service).clone();
+    let per_window = |count: f64| {
+        if window_s > 0.0 {
+            count / window_s
+        } else {
+            0.0
+        }
+    };
+    Ok(Record {
+        schema_version: SCHEMA_VERSION,
+        started_at,
+        host: Host::current(),
+        git_revision: git_revision(),
+        config: RunConfig {
+            mode: if args.proxy.is_some() {
+                "external".into()
+            } else {
+                args.mode.name().to_owned()
+            },
+            label: label.to_owned(),
+            conns: plan.conns,
+            workers: resources.workers,
+            threads: args.threads.map(usize::from),
+            size: plan.size,
+            rate: plan.rate,
+            duration_s: args.duration.as_secs_f64(),
+            warmup_s: args.warmup.as_secs_f64(),
+            ramp_rate: args.ramp_rate,
+            max_dials: args.max_dials,
+            auth: plan.auth.is_some(),
+            proxy: plan.proxy.map(|a| a.to_string()),
+            echo_addrs: plan.echo.iter().map(ToString::to_string).collect(),
+            source_addrs: plan.sources.iter().map(ToString::to_string).collect(),
+            command: std::env::args().collect(),
+            tag: args.tag.clone(),
+            loadgen_threads: args.runtime_threads(),
+        },
+        sessions: Sessions {
+            requested: plan.conns,
+            established,
+            failed: shared.failed(),
+            failures: lock(&shared.failures).clone(),
+            dropped,
+        },
+        messages: Messages {
+            count: messages,
+            window_s,
+            per_second: per_window(messages as f64),
+            bytes_per_second: per_window((messages * plan.size as u64) as f64),
+            corrupted,
+        },
+        latency_us: Latencies {
+            handshake: Percentiles::of(&handshake),
+            rtt: Percentiles::of(&rtt),
+            service: plan.rate.map(|_| Percentiles::of(&service)),
+        },
+        proxy,
+        kernel: measured.kernel,
+        loadgen,
+        outcome,
+        histograms: EncodedHistograms {
+            handshake: encode(&handshake)?,
+            rtt: encode(&rtt)?,
+            service: plan.rate.map(|_| encode(&service)).transpose()?,
+        },
+    })
+}
+
+/// The record's histograms, decoded, by name.
+pub fn histograms(record: &Record) -> anyhow::Result<Vec<(&'static str, Histogram<u64>)>> {
+    let mut out = vec![
+        ("handshake", decode(&record.histograms.handshake)?),
+        ("rtt", decode(&record.histograms.rtt)?),
+    ];
+    if let Some(service) = &record.histograms.service {
+        out.push(("service", decode(service)?));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -441,8 +582,8 @@ mod tests {
 
     #[test]
     fn histograms_round_trip_and_merge() {
-        let mut a = crate::workload::histogram();
-        let mut b = crate::workload::histogram();
+        let mut a = crate::measure::histogram();
+        let mut b = crate::measure::histogram();
         for v in 1..=1000 {
             a.record(v).expect("record");
             b.record(v * 10).expect("record");
@@ -453,15 +594,33 @@ mod tests {
             .add(decode(&encode(&b).expect("encode")).expect("decode"))
             .expect("add");
         assert_eq!(merged.len(), 2000);
-        let text = percentile_distribution(&merged);
-        assert!(text.contains("Total count    =         2000"), "{text}");
     }
 
     #[test]
-    fn dates_are_civil() {
+    fn dates_are_rfc3339_and_stamps_their_digits() {
         let (rfc, stamp) = utc_now();
-        assert_eq!(rfc.len(), 20);
-        assert_eq!(stamp.len(), 16);
-        assert!(rfc.starts_with("20"));
+        assert_eq!(rfc.len(), 20, "{rfc}");
+        assert!(rfc.ends_with('Z') && rfc.as_bytes()[10] == b'T', "{rfc}");
+        assert_eq!(stamp.len(), 16, "{stamp}");
+        assert_eq!(stamp, rfc.replace(['-', ':'], ""));
+    }
+
+    #[test]
+    fn outcomes_and_causes_keep_their_json_text() {
+        let json = serde_json::to_string(&Outcome::Ok).expect("json");
+        assert_eq!(json, "\"ok\"");
+        let back: Outcome = serde_json::from_str(&json).expect("parse");
+        assert!(back.is_ok());
+        let died = Outcome::ProxyDied("signal: 9 (SIGKILL)".into());
+        let back: Outcome =
+            serde_json::from_str(&serde_json::to_string(&died).expect("json")).expect("parse");
+        assert_eq!(back.to_string(), died.to_string());
+        assert!(!back.is_ok());
+        assert_eq!(Cause::Socks(1).to_string(), "socks-0x01");
+        assert_eq!(Cause::Method(0xff).to_string(), "method-ff");
+        let emfile = io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        assert_eq!(Cause::of(&emfile), Cause::LoadgenOutOfDescriptors);
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(Cause::of(&refused).to_string(), "refused");
     }
 }

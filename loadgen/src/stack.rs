@@ -1,14 +1,19 @@
-//! The processes loadgen runs (the echo target and the proxy) and what it reads about them.
+//! The processes under test: the echo target and the proxy, started as children (sized to
+//! the descriptor limits) and stopped on every path, so no run leaves an orphan.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+use crate::cli::{RunArgs, Target};
+
+/// Descriptors loadgen and the echo target keep besides one per session.
+const DESCRIPTOR_MARGIN: u64 = 64;
 
 /// How long a child has to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -124,105 +129,154 @@ pub fn proxy_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// CPU time and memory of a process and all its descendants.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TreeUsage {
-    /// User + system CPU, milliseconds.
-    pub cpu_ms: u64,
-    /// Resident set size, bytes (summed over the processes).
-    pub rss_bytes: u64,
-    /// How many processes were summed.
-    pub processes: usize,
+/// Raises the soft descriptor limit to the hard limit; returns the soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    proxy::net::limits::raise_nofile_limit().unwrap_or_else(|_| proxy::net::limits::nofile_limit())
 }
 
-/// Reads process trees through sysinfo (tasks are not listed: a thread-per-session proxy
-/// has thousands of them).
-pub struct ProcessProbe {
-    system: System,
+/// What a run's processes are given: proxy workers and the source addresses sessions use.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    /// Proxy worker processes (0 when loadgen does not start the proxy).
+    pub workers: usize,
+    /// Source addresses 127.0.0.1..; session i binds `sources[i % len]`.
+    pub sources: Vec<Ipv4Addr>,
 }
 
-impl ProcessProbe {
-    /// A probe with nothing read yet.
-    pub fn new() -> Self {
-        ProcessProbe {
-            system: System::new(),
-        }
-    }
-
-    /// CPU and RSS of `root` and its descendants now.
-    pub fn tree(&mut self, root: u32) -> TreeUsage {
-        self.system.refresh_processes_specifics(
-            ProcessesToUpdate::All,
-            true,
-            ProcessRefreshKind::nothing()
-                .with_memory()
-                .with_cpu()
-                .without_tasks(),
+/// Sizes a run to the descriptor limits; fails before anything is opened when it cannot fit.
+pub fn plan(args: &RunArgs) -> anyhow::Result<Resources> {
+    let limit = raise_nofile_limit();
+    let conns = args.conns;
+    let needed = conns + DESCRIPTOR_MARGIN;
+    if needed > limit {
+        bail!(
+            "{conns} sessions need {needed} descriptors in loadgen (and as many in its echo \
+             target), but RLIMIT_NOFILE allows {limit}. Raise the hard limit (`ulimit -Hn`, \
+             /etc/security/limits.conf, or LimitNOFILE= for a service; it needs root or \
+             CAP_SYS_RESOURCE), or use fewer --conns."
         );
-        let root = Pid::from_u32(root);
-        let mut members = vec![root];
-        let mut usage = TreeUsage::default();
-        let mut i = 0;
-        while i < members.len() {
-            let pid = members[i];
-            i += 1;
-            if let Some(process) = self.system.process(pid) {
-                usage.cpu_ms += process.accumulated_cpu_time();
-                usage.rss_bytes += process.memory();
-                usage.processes += 1;
-            }
-            for (child, process) in self.system.processes() {
-                if process.parent() == Some(pid) && process.thread_kind().is_none() {
-                    members.push(*child);
-                }
-            }
-        }
-        usage
     }
-}
-
-impl Default for ProcessProbe {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// This process's own CPU time (user + system), milliseconds, from /proc/self/stat.
-pub fn own_cpu_ms() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+    let sources_count = args
+        .sources
+        .map_or_else(
+            || (conns as usize).div_ceil(8000).clamp(1, 250),
+            usize::from,
+        )
+        .max(1);
+    let sources = (0..sources_count)
+        .map(|i| Ipv4Addr::new(127, 0, 0, 1 + i as u8))
+        .collect();
+    let workers = if args.proxy.is_some() || args.mode == Target::Direct {
+        0
+    } else {
+        proxy_workers(conns, limit, args.workers)
     };
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
-    let hz = 100; // USER_HZ is 100 on Linux for /proc reporting.
-    (ticks(11) + ticks(12)) * 1000 / hz
+    Ok(Resources { workers, sources })
 }
 
-/// Kernel TCP memory from /proc/net/sockstat: (sockets in use, memory in bytes).
-pub fn kernel_tcp() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
-    let page = rustix::param::page_size() as u64;
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("TCP:") {
-            let words: Vec<&str> = rest.split_whitespace().collect();
-            let field = |name: &str| {
-                words
-                    .iter()
-                    .position(|w| *w == name)
-                    .and_then(|i| words.get(i + 1))
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            return (field("inuse"), field("mem") * page);
+/// Proxy workers for `conns` sessions at 2 descriptors each under `limit`, unless `asked`.
+fn proxy_workers(conns: u64, limit: u64, asked: Option<u16>) -> usize {
+    let per_worker = proxy::net::limits::sessions_for_descriptors(limit).max(1);
+    let required = conns.div_ceil(per_worker) as usize;
+    match asked {
+        Some(workers) if (workers as usize) < required => {
+            eprintln!(
+                "loadgen: note: {conns} sessions need {required} proxy workers at {per_worker} \
+                 sessions each (descriptor limit {limit}); with --workers {workers} the proxy \
+                 will refuse some"
+            );
+            workers as usize
+        }
+        Some(workers) => workers as usize,
+        None => {
+            if required > 1 {
+                eprintln!(
+                    "loadgen: {conns} sessions need 2 descriptors each in the proxy; one process \
+                     holds {per_worker} (limit {limit}), so the proxy runs with --workers {required}"
+                );
+            }
+            required
         }
     }
-    (0, 0)
+}
+
+/// The processes under test, stopped (proxy first) when dropped.
+pub struct Stack {
+    /// The proxy loadgen started, if it started one.
+    pub proxy: Option<ChildProcess>,
+    /// The echo target.
+    pub echo: ChildProcess,
+    /// Where sessions connect: the proxy, or `None` to go straight to the echo target.
+    pub proxy_addr: Option<SocketAddr>,
+    /// The proxy process whose tree is measured.
+    pub proxy_pid: Option<u32>,
+    /// The run's name in records and charts.
+    pub label: String,
+}
+
+impl Stack {
+    /// Starts the echo target (one address per source address, so the proxy's outgoing
+    /// connections spread too) and, unless the proxy is external or the run direct, the proxy.
+    pub fn start(args: &RunArgs, resources: &Resources) -> anyhow::Result<Stack> {
+        let exe = std::env::current_exe()?;
+        let mut echo_cmd = Command::new(&exe);
+        echo_cmd.arg("echo").args(["--threads", "1"]);
+        for i in 0..resources.sources.len() {
+            echo_cmd.args(["--listen", &format!("127.0.1.{}:0", 1 + i)]);
+        }
+        let echo = ChildProcess::spawn("echo target", echo_cmd)?;
+        let mut stack = Stack {
+            proxy: None,
+            echo,
+            proxy_addr: args.proxy,
+            proxy_pid: args.proxy_pid,
+            label: args.label.clone().unwrap_or_else(|| "external".into()),
+        };
+        if args.proxy.is_some() {
+            return Ok(stack);
+        }
+        let Target::Proxy(mode) = args.mode else {
+            stack.label = Target::Direct.name().to_owned();
+            return Ok(stack);
+        };
+        let binary = proxy_binary(args.proxy_bin.as_deref())?;
+        let mut cmd = Command::new(binary);
+        cmd.args(["--listen", "127.0.0.1:0", "--mode", mode.name()]);
+        cmd.args(["--log-level", "warn"]);
+        cmd.args(["--workers", &resources.workers.max(1).to_string()]);
+        // Sessions are held idle on purpose; a tight handshake budget is not the point.
+        cmd.args(["--handshake-timeout", "60s", "--connect-timeout", "60s"]);
+        cmd.args(["--grace", "2s"]);
+        if let Some(threads) = args.threads {
+            cmd.args(["--threads", &threads.to_string()]);
+        }
+        if let Some(spec) = &args.auth {
+            cmd.args(["--user", spec]);
+        }
+        let child = ChildProcess::spawn("proxy", cmd)?;
+        stack.proxy_addr = Some(*child.addrs.first().context("proxy printed no address")?);
+        stack.proxy_pid = Some(child.pid());
+        stack.proxy = Some(child);
+        stack.label = args.label.clone().unwrap_or_else(|| mode.name().to_owned());
+        Ok(stack)
+    }
+
+    /// How the proxy loadgen started has exited, if it has.
+    pub fn proxy_exited(&mut self) -> Option<String> {
+        self.proxy.as_mut().and_then(ChildProcess::exited)
+    }
+
+    /// Stops the proxy (letting it drain), then the echo target.
+    pub fn stop(mut self) {
+        if let Some(proxy) = self.proxy.as_mut() {
+            proxy.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Proxy first: its sessions end before their echo target does.
+        drop(self.proxy.take());
+    }
 }

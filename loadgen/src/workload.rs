@@ -1,50 +1,23 @@
 //! The sessions: dial through the proxy (or directly), then keep messages going and check
 //! every echoed byte.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use proxy::socks5::client;
 use proxy::socks5::Command;
 use proxy::socks5::ReplyCode;
 use proxy::socks5::TargetAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout, Instant};
 
-/// Where a run is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum Phase {
-    /// Sessions are being opened.
-    Ramp = 0,
-    /// All sessions are open and idle (memory is sampled).
-    Idle = 1,
-    /// Messages flow but are not counted.
-    Warmup = 2,
-    /// Messages flow and are counted.
-    Measure = 3,
-    /// Sessions finish their message in flight and close.
-    Stop = 4,
-}
-
-impl Phase {
-    fn from_u8(value: u8) -> Phase {
-        match value {
-            0 => Phase::Ramp,
-            1 => Phase::Idle,
-            2 => Phase::Warmup,
-            3 => Phase::Measure,
-            _ => Phase::Stop,
-        }
-    }
-}
+use crate::measure::{lock, Phase, Shared};
+use crate::record::Cause;
 
 /// What every session needs to know.
 #[derive(Debug, Clone)]
@@ -67,123 +40,6 @@ pub struct Plan {
     pub io_timeout: Duration,
 }
 
-/// Latency histograms in microseconds, shared by all sessions.
-pub struct Histograms {
-    /// Connect start → CONNECT reply (or connected, direct).
-    pub handshake: Mutex<Histogram<u64>>,
-    /// Message round trip; in open loop, from the scheduled send time.
-    pub rtt: Mutex<Histogram<u64>>,
-    /// Open loop only: from the actual write to the echo.
-    pub service: Mutex<Histogram<u64>>,
-}
-
-/// A histogram of microseconds from 1 µs to 1 h at 3 significant digits.
-pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
-}
-
-impl Histograms {
-    fn new() -> Self {
-        Histograms {
-            handshake: Mutex::new(histogram()),
-            rtt: Mutex::new(histogram()),
-            service: Mutex::new(histogram()),
-        }
-    }
-}
-
-/// Counters and histograms filled by the sessions.
-pub struct Shared {
-    phase: AtomicU8,
-    phase_tx: watch::Sender<Phase>,
-    /// Sessions whose dial completed.
-    pub established: AtomicU64,
-    /// Sessions whose dial failed, by cause.
-    pub failures: Mutex<BTreeMap<String, u64>>,
-    /// Dials finished (established or failed).
-    pub dialed: AtomicU64,
-    /// Messages completed in the measured window.
-    pub messages: AtomicU64,
-    /// Messages completed since the workload started (for the status line).
-    pub messages_total: AtomicU64,
-    /// Echoed messages that differed from what was sent.
-    pub corrupted: AtomicU64,
-    /// Established sessions that ended (EOF, reset, timeout) while the workload ran.
-    pub dropped: Mutex<BTreeMap<String, u64>>,
-    /// Latencies.
-    pub histograms: Histograms,
-    /// When the workload started (open-loop schedules count from here).
-    pub workload_start: Mutex<Option<Instant>>,
-}
-
-impl Shared {
-    /// Counters at zero, in the ramp phase.
-    pub fn new() -> Arc<Self> {
-        let (phase_tx, _) = watch::channel(Phase::Ramp);
-        Arc::new(Shared {
-            phase: AtomicU8::new(Phase::Ramp as u8),
-            phase_tx,
-            established: AtomicU64::new(0),
-            failures: Mutex::new(BTreeMap::new()),
-            dialed: AtomicU64::new(0),
-            messages: AtomicU64::new(0),
-            messages_total: AtomicU64::new(0),
-            corrupted: AtomicU64::new(0),
-            dropped: Mutex::new(BTreeMap::new()),
-            histograms: Histograms::new(),
-            workload_start: Mutex::new(None),
-        })
-    }
-
-    /// The current phase.
-    pub fn phase(&self) -> Phase {
-        Phase::from_u8(self.phase.load(Ordering::Acquire))
-    }
-
-    /// Moves every session to `phase`.
-    pub fn set_phase(&self, phase: Phase) {
-        if phase == Phase::Warmup {
-            *lock(&self.workload_start) = Some(Instant::now());
-        }
-        self.phase.store(phase as u8, Ordering::Release);
-        self.phase_tx.send_replace(phase);
-    }
-
-    fn count(map: &Mutex<BTreeMap<String, u64>>, cause: String) {
-        *lock(map).entry(cause).or_default() += 1;
-    }
-
-    /// Total failed dials.
-    pub fn failed(&self) -> u64 {
-        lock(&self.failures).values().sum()
-    }
-
-    /// Total dropped sessions.
-    pub fn dropped_total(&self) -> u64 {
-        lock(&self.dropped).values().sum()
-    }
-}
-
-/// Locks a mutex, ignoring poisoning (a panicking session must not hide the others' data).
-pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Names an I/O failure the way the record counts it.
-fn io_cause(err: &io::Error) -> String {
-    match err.kind() {
-        io::ErrorKind::ConnectionRefused => "refused".into(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => "reset".into(),
-        io::ErrorKind::UnexpectedEof => "eof".into(),
-        io::ErrorKind::TimedOut => "timeout".into(),
-        io::ErrorKind::AddrNotAvailable => "no-source-port".into(),
-        _ => match err.raw_os_error() {
-            Some(24) => "loadgen-out-of-descriptors".into(),
-            _ => format!("io: {}", err.kind()),
-        },
-    }
-}
-
 /// Fills `buf` with the bytes of message `seq` of session `id`: every message differs, so a
 /// byte from another session or another message is caught.
 pub fn fill_pattern(buf: &mut [u8], id: usize, seq: u64) {
@@ -200,10 +56,10 @@ pub fn fill_pattern(buf: &mut [u8], id: usize, seq: u64) {
 
 /// Opens the session's connection: connect (from its source address) and, through a proxy,
 /// the SOCKS5 handshake.
-async fn dial(id: usize, plan: &Plan) -> Result<TcpStream, String> {
+async fn dial(id: usize, plan: &Plan) -> Result<TcpStream, Cause> {
     let source = plan.sources[id % plan.sources.len()];
     let echo = plan.echo[id % plan.echo.len()];
-    let socket = TcpSocket::new_v4().map_err(|e| io_cause(&e))?;
+    let socket = TcpSocket::new_v4().map_err(|e| Cause::of(&e))?;
     // Choose the source port at connect time, not at bind time: a port then only needs to be
     // unique per 4-tuple (and TIME_WAIT ports from earlier runs can be reused on loopback).
     // Bound without this, every session would hold a port exclusively, and the proxy's own
@@ -213,18 +69,21 @@ async fn dial(id: usize, plan: &Plan) -> Result<TcpStream, String> {
         nix::sys::socket::sockopt::IpBindAddressNoPort,
         &true,
     )
-    .map_err(|e| io_cause(&io::Error::from(e)))?;
+    .map_err(|e| Cause::of(&io::Error::from(e)))?;
     socket
         .bind(SocketAddr::from((source, 0)))
-        .map_err(|e| io_cause(&e))?;
+        .map_err(|e| Cause::of(&e))?;
     let connect_to = plan.proxy.unwrap_or(echo);
-    let mut stream = socket.connect(connect_to).await.map_err(|e| io_cause(&e))?;
-    stream.set_nodelay(true).map_err(|e| io_cause(&e))?;
+    let mut stream = socket
+        .connect(connect_to)
+        .await
+        .map_err(|e| Cause::of(&e))?;
+    stream.set_nodelay(true).map_err(|e| Cause::of(&e))?;
     if plan.proxy.is_none() {
         return Ok(stream);
     }
     let method = if plan.auth.is_some() { 2 } else { 0 };
-    let io = |e: io::Error| io_cause(&e);
+    let io = |e: io::Error| Cause::of(&e);
     stream
         .write_all(&client::encode_greeting(&[method]))
         .await
@@ -232,7 +91,7 @@ async fn dial(id: usize, plan: &Plan) -> Result<TcpStream, String> {
     let mut chosen = [0u8; 2];
     stream.read_exact(&mut chosen).await.map_err(io)?;
     if chosen != [5, method] {
-        return Err(format!("method-{:02x}", chosen[1]));
+        return Err(Cause::Method(chosen[1]));
     }
     if let Some((name, password)) = &plan.auth {
         stream
@@ -242,7 +101,7 @@ async fn dial(id: usize, plan: &Plan) -> Result<TcpStream, String> {
         let mut status = [0u8; 2];
         stream.read_exact(&mut status).await.map_err(io)?;
         if status != [1, 0] {
-            return Err("auth-rejected".into());
+            return Err(Cause::AuthRejected);
         }
     }
     let mut request = Vec::with_capacity(32);
@@ -253,9 +112,9 @@ async fn dial(id: usize, plan: &Plan) -> Result<TcpStream, String> {
     loop {
         match client::parse_reply(&reply) {
             Ok(Some((ReplyCode::Succeeded, _, _))) => return Ok(stream),
-            Ok(Some((code, _, _))) => return Err(format!("socks-{:#04x}", code.as_u8())),
+            Ok(Some((code, _, _))) => return Err(Cause::Socks(code.as_u8())),
             Ok(None) => {}
-            Err(_) => return Err("bad-reply".into()),
+            Err(_) => return Err(Cause::BadReply),
         }
         stream.read_exact(&mut byte).await.map_err(io)?;
         reply.push(byte[0]);
@@ -280,7 +139,7 @@ pub async fn session(
             return;
         }
         Err(_) => {
-            Shared::count(&shared.failures, "timeout".into());
+            Shared::count(&shared.failures, Cause::Timeout);
             shared.dialed.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -290,7 +149,7 @@ pub async fn session(
     shared.established.fetch_add(1, Ordering::Relaxed);
     shared.dialed.fetch_add(1, Ordering::Relaxed);
 
-    let mut phases = shared.phase_tx.subscribe();
+    let mut phases = shared.phases();
     while *phases.borrow_and_update() < Phase::Warmup {
         if phases.changed().await.is_err() {
             return;
@@ -308,7 +167,7 @@ async fn run_messages(
     mut stream: TcpStream,
     plan: &Plan,
     shared: &Shared,
-) -> Result<(), String> {
+) -> Result<(), Cause> {
     let mut sent = vec![0u8; plan.size];
     let mut received = vec![0u8; plan.size];
     let per_session_interval = plan
@@ -338,13 +197,13 @@ async fn run_messages(
         };
         match timeout(plan.io_timeout, round_trip).await {
             Ok(Ok(())) => {}
-            Ok(Err(err)) => return Err(io_cause(&err)),
-            Err(_) => return Err("timeout".into()),
+            Ok(Err(err)) => return Err(Cause::of(&err)),
+            Err(_) => return Err(Cause::Timeout),
         }
         let done = Instant::now();
         if received != sent {
             shared.corrupted.fetch_add(1, Ordering::Relaxed);
-            return Err("corrupted".into());
+            return Err(Cause::Corrupted);
         }
         shared.messages_total.fetch_add(1, Ordering::Relaxed);
         if phase == Phase::Measure {

@@ -67,6 +67,8 @@ struct Worker {
     pid: Option<Pid>,
     generation: u64,
     started: Instant,
+    /// Whether it printed its ready line (so it handles signals itself).
+    ready: bool,
 }
 
 enum Report {
@@ -83,6 +85,8 @@ enum Report {
         generation: u64,
         status: String,
         success: bool,
+        /// The signal that ended it, if one did.
+        signal: Option<i32>,
     },
 }
 
@@ -123,21 +127,27 @@ fn spawn_worker(
             },
         };
         let _ = reports.send(report);
-        let (status, success) = match child.wait().await {
-            Ok(status) => (status.to_string(), status.success()),
-            Err(err) => (err.to_string(), false),
+        let (status, success, signal) = match child.wait().await {
+            Ok(status) => (
+                status.to_string(),
+                status.success(),
+                std::os::unix::process::ExitStatusExt::signal(&status),
+            ),
+            Err(err) => (err.to_string(), false, None),
         };
         let _ = reports.send(Report::Exited {
             index,
             generation,
             status,
             success,
+            signal,
         });
     });
     Ok(Worker {
         pid,
         generation,
         started: Instant::now(),
+        ready: false,
     })
 }
 
@@ -181,6 +191,7 @@ pub fn supervise(
             match report {
                 Some(Report::Ready { index, .. }) => {
                     tracing::info!(worker = index, pid = ?workers[index].pid, "worker listening");
+                    workers[index].ready = true;
                     ready += 1;
                 }
                 Some(Report::NotReady { index, why, .. }) => {
@@ -225,7 +236,8 @@ pub fn supervise(
                         tokio::time::sleep(Duration::from_millis(100) * quick_deaths).await;
                         workers[index] = spawn_worker(index, generation + 1, &program, &args, &reports_tx)?;
                     }
-                    Some(Report::Ready { index, generation }) if generation > 0 => {
+                    Some(Report::Ready { index, generation }) if workers[index].generation == generation => {
+                        workers[index].ready = true;
                         tracing::info!(worker = index, pid = ?workers[index].pid, "replacement worker listening");
                     }
                     Some(Report::NotReady { index, why, .. }) => {
@@ -244,11 +256,15 @@ pub fn supervise(
         while running > 0 {
             tokio::select! {
                 report = reports.recv() => match report {
-                    Some(Report::Exited { index, generation, success, status })
+                    Some(Report::Exited { index, generation, success, status, signal })
                         if workers[index].generation == generation =>
                     {
                         running -= 1;
-                        if !success {
+                        // A replacement still starting has no handlers yet: the forwarded
+                        // signal ends it at once, which is the shutdown it was asked for.
+                        let stopped_while_starting =
+                            !workers[index].ready && signal == Some(forwarded.as_raw());
+                        if !success && !stopped_while_starting {
                             tracing::warn!(worker = index, "worker exited: {status}");
                             all_clean = false;
                         }

@@ -1,0 +1,245 @@
+//! The command line: what to run and how, as typed values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::PossibleValue;
+use clap::{Parser, Subcommand, ValueEnum};
+use proxy::config::parse_duration;
+use proxy::Mode;
+
+/// Opens N concurrent SOCKS5 sessions through a proxy to a loopback echo target and measures
+/// throughput, latency (HdrHistogram), and the proxy's memory and CPU.
+///
+/// Starts the echo target and (unless --proxy is given) the workspace's `proxy` binary as
+/// child processes, ramps the sessions, holds them idle, then runs the workload: closed loop
+/// (one message outstanding per session) or open loop (--rate). Writes
+/// results/runs/<stamp>-<label>-c<conns>.json, .hgrm histograms beside it, and a row in
+/// results/summary.csv.
+#[derive(Debug, Parser)]
+#[command(name = "loadgen", version, args_conflicts_with_subcommands = true)]
+pub struct Args {
+    /// A subcommand; without one, a measured run.
+    #[command(subcommand)]
+    pub command: Option<Sub>,
+
+    /// The run's settings.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// loadgen's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Sub {
+    /// Internal: the echo target process.
+    #[command(hide = true)]
+    Echo {
+        /// Addresses to listen on.
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+        /// Runtime threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Print every --mode value, one a line: `direct`, then the proxy's modes (for scripts).
+    Modes,
+    /// Draw the c10k charts (SVG and PNG) and results/README.md from stored records, without
+    /// running anything.
+    Plot {
+        /// Directory holding runs/ (charts/ and README.md are written there).
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Only records of this sweep (`--tag` of the runs) [default: every record].
+        #[arg(long)]
+        tag: Option<String>,
+    },
+}
+
+/// What a run measures: the physical baseline, or the proxy in one of its modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// No proxy: sessions connect straight to the echo target.
+    Direct,
+    /// The workspace's proxy in this mode.
+    Proxy(Mode),
+}
+
+impl Target {
+    /// `direct`, then every proxy mode in `Mode::ALL` order.
+    pub const ALL: [Target; 1 + Mode::ALL.len()] = {
+        let mut all = [Target::Direct; 1 + Mode::ALL.len()];
+        let mut i = 0;
+        while i < Mode::ALL.len() {
+            all[i + 1] = Target::Proxy(Mode::ALL[i]);
+            i += 1;
+        }
+        all
+    };
+
+    /// The name on the command line and in records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Proxy(mode) => mode.name(),
+        }
+    }
+}
+
+impl ValueEnum for Target {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.name()))
+    }
+}
+
+/// The settings of a measured run.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Concurrent sessions to open.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub conns: u64,
+
+    /// Proxy mode to start, or `direct` for no proxy (the physical baseline).
+    #[arg(long, value_enum, default_value_t = Target::Proxy(Mode::Async))]
+    pub mode: Target,
+
+    /// Measure an external SOCKS5 server at HOST:PORT instead of starting one.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub proxy: Option<SocketAddr>,
+
+    /// The external server's PID (it and its descendants are measured).
+    #[arg(long, requires = "proxy")]
+    pub proxy_pid: Option<u32>,
+
+    /// Name for the run in records and charts [default: the mode, or "external"].
+    #[arg(long)]
+    pub label: Option<String>,
+
+    /// Proxy worker processes [default: as many as the descriptor limit requires].
+    #[arg(long)]
+    pub workers: Option<u16>,
+
+    /// Proxy threads (passed to --threads).
+    #[arg(long)]
+    pub threads: Option<u16>,
+
+    /// Sessions opened per second during the ramp.
+    #[arg(long, default_value_t = 2000.0)]
+    pub ramp_rate: f64,
+
+    /// Dials (connect + handshake) in flight at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_dials: usize,
+
+    /// Username:password for RFC 1929 (also given to the proxy loadgen starts).
+    #[arg(long, value_name = "USER:PASS")]
+    pub auth: Option<String>,
+
+    /// Bytes per message.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub size: u64,
+
+    /// Measured window (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Warm-up before the window, not counted.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// How long all sessions are held idle after the ramp (idle memory is sampled at its end).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub idle_hold: Duration,
+
+    /// Open loop: total messages per second, spread evenly over the sessions; latency is
+    /// measured from each message's scheduled send time. Default: closed loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
+
+    /// Source addresses 127.0.0.1..=127.0.0.K that sessions are spread over
+    /// [default: one per 8,000 sessions].
+    #[arg(long)]
+    pub sources: Option<u8>,
+
+    /// Limit for one dial and for one message round trip.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub io_timeout: Duration,
+
+    /// Directory for records.
+    #[arg(long, default_value = "results")]
+    pub results: PathBuf,
+
+    /// A name stored in the record, grouping the runs of one sweep.
+    #[arg(long)]
+    pub tag: Option<String>,
+
+    /// loadgen's own runtime threads [default: 1 for open loop, where one thread keeps up and
+    /// avoids cross-thread wake-ups; every core for closed loop].
+    #[arg(long)]
+    pub loadgen_threads: Option<usize>,
+
+    /// Do not write a record (still prints the summary).
+    #[arg(long)]
+    pub no_record: bool,
+
+    /// The proxy binary [default: `proxy` beside this executable].
+    #[arg(long)]
+    pub proxy_bin: Option<PathBuf>,
+
+    /// No progress bar or status lines.
+    #[arg(long, short)]
+    pub quiet: bool,
+
+    /// Print the record as JSON on stdout (implies --quiet).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RunArgs {
+    /// No progress bar or status lines.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet || self.json
+    }
+
+    /// loadgen's runtime threads for this run.
+    pub fn runtime_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.loadgen_threads
+            .unwrap_or(if self.rate.is_some() { 1 } else { cores })
+            .max(1)
+    }
+
+    /// The username and password of `--auth`.
+    pub fn credentials(&self) -> anyhow::Result<Option<(String, String)>> {
+        self.auth
+            .as_deref()
+            .map(|spec| {
+                let (name, pass) = spec
+                    .split_once(':')
+                    .ok_or_else(|| anyhow::anyhow!("--auth must be USER:PASS"))?;
+                Ok((name.to_owned(), pass.to_owned()))
+            })
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mode_and_direct_parse_as_targets() {
+        assert_eq!(Target::ALL[0], Target::Direct);
+        assert_eq!(Target::ALL.len(), Mode::ALL.len() + 1);
+        for target in Target::ALL {
+            assert_eq!(Target::from_str(target.name(), false), Ok(target));
+        }
+        assert!(Target::from_str("nonsense", false).is_err());
+        let args = Args::try_parse_from(["loadgen", "--mode", "epoll-et"]).expect("parses");
+        assert_eq!(args.run.mode, Target::Proxy(Mode::EpollEt));
+    }
+}

@@ -1,0 +1,127 @@
+//! Loading stored records and reducing them to the plotted points: per (label, sessions), the
+//! medians of the repeated runs and their merged round-trip histogram.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+
+use crate::cli::Target;
+use crate::record::{self, Record};
+
+/// One plotted point: the medians of a group of repeated runs.
+#[derive(Debug, Clone)]
+pub(super) struct Point {
+    pub(super) conns: f64,
+    pub(super) runs: usize,
+    pub(super) established: f64,
+    pub(super) msgs_per_s: f64,
+    pub(super) p50: f64,
+    pub(super) p99: f64,
+    pub(super) p999: f64,
+    pub(super) rss_per_session: f64,
+    pub(super) cpu_us_per_msg: f64,
+    pub(super) rtt: Histogram<u64>,
+}
+
+pub(super) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Loads every record under `dir/runs` (with `tag`, when given).
+pub fn load(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<Record>> {
+    let runs = dir.join("runs");
+    let mut records = Vec::new();
+    let entries =
+        std::fs::read_dir(&runs).with_context(|| format!("no records in {}", runs.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        let record: Record = serde_json::from_str(&text)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if record.schema_version != record::SCHEMA_VERSION {
+            continue;
+        }
+        if tag.is_some_and(|tag| record.config.tag.as_deref() != Some(tag)) {
+            continue;
+        }
+        records.push(record);
+    }
+    records.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+    Ok(records)
+}
+
+/// Per label, its points in order of sessions.
+pub(super) type Series = BTreeMap<String, Vec<Point>>;
+
+/// Groups records with the same offered load into per-label series of median points.
+pub(super) fn series(records: &[&Record]) -> anyhow::Result<Series> {
+    let mut groups: BTreeMap<(String, usize), Vec<&Record>> = BTreeMap::new();
+    for record in records {
+        groups
+            .entry((record.config.label.clone(), record.config.conns))
+            .or_default()
+            .push(record);
+    }
+    let mut out: Series = BTreeMap::new();
+    for ((label, conns), runs) in groups {
+        let collect = |f: &dyn Fn(&Record) -> f64| median(runs.iter().map(|r| f(r)).collect());
+        let mut rtt = crate::measure::histogram();
+        for run in &runs {
+            rtt.add(record::decode(&run.histograms.rtt)?)
+                .map_err(|e| anyhow::anyhow!("cannot merge histograms: {e:?}"))?;
+        }
+        out.entry(label).or_default().push(Point {
+            conns: conns as f64,
+            runs: runs.len(),
+            established: collect(&|r| r.sessions.established as f64),
+            msgs_per_s: collect(&|r| r.messages.per_second),
+            p50: collect(&|r| r.latency_us.rtt.p50 as f64),
+            p99: collect(&|r| r.latency_us.rtt.p99 as f64),
+            p999: collect(&|r| r.latency_us.rtt.p999 as f64),
+            rss_per_session: collect(&|r| r.proxy.rss_per_session_idle),
+            cpu_us_per_msg: collect(&|r| r.proxy.cpu_us_per_message),
+            rtt,
+        });
+    }
+    Ok(out)
+}
+
+/// The most common offered rate among open-loop records.
+pub(super) fn fixed_rate(records: &[Record]) -> Option<f64> {
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for rate in records.iter().filter_map(|r| r.config.rate) {
+        *counts.entry(rate as u64).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(rate, _)| rate as f64)
+}
+
+/// Labels in the order of the comparison, external servers last.
+pub(super) fn ordered(series: &Series) -> Vec<&String> {
+    let mut labels: Vec<&String> = series.keys().collect();
+    labels.sort_by_key(|label| {
+        (
+            order_of(label).unwrap_or(Target::ALL.len()),
+            (*label).clone(),
+        )
+    });
+    labels
+}
+
+/// Where a label stands in the comparison: `direct`, then the modes in `Mode::ALL` order;
+/// `None` for anything else (external servers), which comes last.
+pub(super) fn order_of(label: &str) -> Option<usize> {
+    Target::ALL.iter().position(|target| target.name() == label)
+}

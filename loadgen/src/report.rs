@@ -1,0 +1,277 @@
+//! What a run reports besides its record: the text summary, the .hgrm percentile files beside
+//! the record, and a row of results/summary.csv.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::cli::Target;
+use crate::record::Record;
+
+/// One row of results/summary.csv: the headline numbers of a run and where its record is.
+#[derive(Debug, Serialize)]
+pub struct SummaryRow<'a> {
+    started_at: &'a str,
+    label: &'a str,
+    mode: &'a str,
+    conns: usize,
+    workers: usize,
+    rate: Option<f64>,
+    size: usize,
+    established: u64,
+    failed: u64,
+    dropped: u64,
+    corrupted: u64,
+    msgs_per_s: f64,
+    rtt_p50_us: u64,
+    rtt_p99_us: u64,
+    rtt_p999_us: u64,
+    handshake_p99_us: u64,
+    rss_per_session_idle: f64,
+    cpu_us_per_message: f64,
+    outcome: String,
+    record: String,
+}
+
+impl<'a> SummaryRow<'a> {
+    /// The row of `record`, whose file is `record_path` (relative to results/).
+    pub fn of(record: &'a Record, record_path: &Path) -> Self {
+        let c = &record.config;
+        let round = |value: f64, decimals: i32| {
+            let scale = 10f64.powi(decimals);
+            (value * scale).round() / scale
+        };
+        SummaryRow {
+            started_at: &record.started_at,
+            label: &c.label,
+            mode: &c.mode,
+            conns: c.conns,
+            workers: c.workers,
+            rate: c.rate,
+            size: c.size,
+            established: record.sessions.established,
+            failed: record.sessions.failed,
+            dropped: record.sessions.dropped.values().sum(),
+            corrupted: record.messages.corrupted,
+            msgs_per_s: round(record.messages.per_second, 1),
+            rtt_p50_us: record.latency_us.rtt.p50,
+            rtt_p99_us: record.latency_us.rtt.p99,
+            rtt_p999_us: record.latency_us.rtt.p999,
+            handshake_p99_us: record.latency_us.handshake.p99,
+            rss_per_session_idle: round(record.proxy.rss_per_session_idle, 0),
+            cpu_us_per_message: round(record.proxy.cpu_us_per_message, 2),
+            outcome: record.outcome.to_string(),
+            record: record_path.display().to_string(),
+        }
+    }
+}
+
+/// Appends the run's row to `dir/summary.csv` (with a header when the file is new).
+pub fn append_summary(dir: &Path, record: &Record, record_path: &Path) -> anyhow::Result<()> {
+    let path = dir.join("summary.csv");
+    let new_file = !path.exists();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut writer = csv::WriterBuilder::new()
+        .has_headers(new_file)
+        .from_writer(file);
+    let relative = record_path.strip_prefix(dir).unwrap_or(record_path);
+    writer.serialize(SummaryRow::of(record, relative))?;
+    writer.flush()?;
+    Ok(())
+}
+
+/// Writes each histogram as `<record stem>-<name>.hgrm` beside the record.
+pub fn write_hgrms(
+    record_path: &Path,
+    histograms: &[(&str, Histogram<u64>)],
+) -> anyhow::Result<()> {
+    let stem = record_path.with_extension("");
+    for (name, histogram) in histograms {
+        let path = stem.with_file_name(format!(
+            "{}-{name}.hgrm",
+            stem.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        ));
+        std::fs::write(&path, percentile_distribution(histogram))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// HdrHistogram's percentile distribution text (the .hgrm format), values in µs.
+pub fn percentile_distribution(histogram: &Histogram<u64>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    let mut total = 0u64;
+    for value in histogram.iter_quantiles(5) {
+        total += value.count_since_last_iteration();
+        let quantile = value.quantile_iterated_to();
+        if quantile < 1.0 {
+            let _ = writeln!(
+                out,
+                "{:>12.3} {:>14.12} {:>10} {:>14.2}",
+                value.value_iterated_to() as f64,
+                quantile,
+                total,
+                1.0 / (1.0 - quantile)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "{:>12.3} {:>14.12} {:>10}",
+                value.value_iterated_to() as f64,
+                quantile,
+                total
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]",
+        histogram.mean(),
+        histogram.stdev()
+    );
+    let _ = writeln!(
+        out,
+        "#[Max     = {:>12.3}, Total count    = {:>12}]",
+        histogram.max() as f64,
+        histogram.len()
+    );
+    let _ = writeln!(
+        out,
+        "#[Buckets = {:>12}, SubBuckets     = {:>12}]",
+        histogram.buckets(),
+        histogram.distinct_values()
+    );
+    out
+}
+
+/// Prints the run's summary on stdout.
+pub fn print_summary(record: &Record) {
+    let c = &record.config;
+    let s = &record.sessions;
+    let m = &record.messages;
+    let p = &record.proxy;
+    let l = &record.latency_us;
+    let kib = |b: f64| b / 1024.0;
+    println!();
+    println!(
+        "{} · {} sessions · {} B messages · {}",
+        c.label,
+        c.conns,
+        c.size,
+        c.rate
+            .map_or("closed loop".to_owned(), |r| format!("open loop {r} msg/s"))
+    );
+    println!(
+        "  sessions     {} established, {} failed {:?}, {} dropped",
+        s.established,
+        s.failed,
+        s.failures,
+        s.dropped.values().sum::<u64>()
+    );
+    println!(
+        "  throughput   {:.0} msg/s, {:.2} MB/s each way over {:.1} s",
+        m.per_second,
+        m.bytes_per_second / 1e6,
+        m.window_s
+    );
+    println!(
+        "  round trip   p50 {} µs  p90 {} µs  p99 {} µs  p99.9 {} µs  max {} µs",
+        l.rtt.p50, l.rtt.p90, l.rtt.p99, l.rtt.p999, l.rtt.max
+    );
+    if let Some(service) = &l.service {
+        println!(
+            "  service      p50 {} µs  p99 {} µs  p99.9 {} µs  (from the actual write)",
+            service.p50, service.p99, service.p999
+        );
+    }
+    println!(
+        "  handshake    p50 {} µs  p99 {} µs  max {} µs",
+        l.handshake.p50, l.handshake.p99, l.handshake.max
+    );
+    if c.mode != Target::Direct.name() {
+        println!(
+            "  proxy RSS    {:.0} KiB before, {:.0} KiB idle, {:.0} KiB peak: {:.0} B/session idle, {:.0} B/session peak ({} processes)",
+            kib(p.rss_before as f64),
+            kib(p.rss_idle as f64),
+            kib(p.rss_peak as f64),
+            p.rss_per_session_idle,
+            p.rss_per_session_peak,
+            p.processes
+        );
+        println!(
+            "  proxy CPU    {:.2} s in the ramp, {:.2} s in the window: {:.1} µs per message",
+            p.cpu_ramp_s, p.cpu_window_s, p.cpu_us_per_message
+        );
+    }
+    println!(
+        "  kernel TCP   {:.0} KiB before, {:.0} KiB idle, {:.0} KiB peak ({} sockets idle)",
+        kib(record.kernel.tcp_mem_before as f64),
+        kib(record.kernel.tcp_mem_idle as f64),
+        kib(record.kernel.tcp_mem_peak as f64),
+        record.kernel.tcp_sockets_idle
+    );
+    println!(
+        "  loadgen CPU  {:.2} s in the window{}",
+        record.loadgen.cpu_window_s,
+        if record.loadgen.maybe_bottleneck {
+            "  (WARNING: loadgen may be the bottleneck)"
+        } else {
+            ""
+        }
+    );
+    println!("  outcome      {}", record.outcome);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_text_counts_every_sample() {
+        let mut histogram = crate::measure::histogram();
+        for value in 1..=2000 {
+            histogram.record(value).expect("record");
+        }
+        let text = percentile_distribution(&histogram);
+        assert!(text.contains("Total count    =         2000"), "{text}");
+    }
+
+    #[test]
+    fn a_summary_row_round_trips_through_csv_with_quoting() {
+        let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../results/runs");
+        let stored = std::fs::read_dir(&runs)
+            .expect("results/runs")
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .find(|path| path.extension().is_some_and(|e| e == "json"))
+            .expect("a stored record");
+        let text = std::fs::read_to_string(&stored).expect("read");
+        let mut record: Record = serde_json::from_str(&text).expect("a record");
+        record.config.label = "odd, \"label\"".into();
+        let mut writer = csv::Writer::from_writer(Vec::new());
+        writer
+            .serialize(SummaryRow::of(&record, Path::new("runs/x.json")))
+            .expect("row");
+        let bytes = writer.into_inner().expect("flush");
+        let mut reader = csv::Reader::from_reader(bytes.as_slice());
+        let headers = reader.headers().expect("headers").clone();
+        assert_eq!(headers.len(), 20);
+        assert_eq!(&headers[1], "label");
+        let row = reader.records().next().expect("a row").expect("valid");
+        assert_eq!(&row[1], "odd, \"label\"");
+        assert_eq!(&row[19], "runs/x.json");
+    }
+}

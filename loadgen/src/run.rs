@@ -1,0 +1,199 @@
+//! The run's schedule: ramp the sessions, hold them idle, warm up, measure a window, drain;
+//! with the proxy's and the kernel's usage sampled at each step and a status line a second.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::cli::RunArgs;
+use crate::measure::{lock, Phase, Shared};
+use crate::probe::{self, ProcessProbe};
+use crate::record::{KernelUsage, ProxyUsage};
+use crate::workload::{self, Plan};
+
+/// The run was interrupted by Ctrl-C or SIGTERM.
+pub struct Interrupted;
+
+/// Everything measured while the sessions ran.
+pub struct Measured {
+    /// The sessions' counters and histograms.
+    pub shared: Arc<Shared>,
+    /// The measured window's actual length.
+    pub window: Duration,
+    /// The proxy's resources.
+    pub proxy: ProxyUsage,
+    /// Kernel TCP memory.
+    pub kernel: KernelUsage,
+    /// loadgen's own CPU seconds in the window.
+    pub loadgen_cpu_s: f64,
+    /// The proxy's exit status, if it died during the run.
+    pub proxy_died: Option<String>,
+}
+
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Runs the phases (ramp, idle hold, warm-up, measured window, drain) and samples the proxy
+/// and the kernel between them. `proxy_pid` is the process tree measured.
+pub async fn drive(
+    args: &RunArgs,
+    plan: Arc<Plan>,
+    proxy_pid: Option<u32>,
+) -> Result<Measured, Interrupted> {
+    let quiet = args.is_quiet();
+    let shared = Shared::new();
+    let mut probe = ProcessProbe::new();
+    let mut proxy_usage = ProxyUsage::default();
+    let mut kernel = KernelUsage::default();
+    let tree = |probe: &mut ProcessProbe| proxy_pid.map(|pid| probe.tree(pid)).unwrap_or_default();
+
+    let before = tree(&mut probe);
+    proxy_usage.rss_before = before.rss_bytes;
+    proxy_usage.processes = before.processes;
+    kernel.tcp_mem_before = probe::kernel_tcp().1;
+
+    let run = async {
+        // Ramp.
+        let bar = if quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let bar = indicatif::ProgressBar::new(plan.conns as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "ramp {bar:40} {pos}/{len} dialed, {msg} [{elapsed}]",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        };
+        let ramp_start = tree(&mut probe);
+        let dials = Arc::new(Semaphore::new(args.max_dials.max(1)));
+        let mut sessions = JoinSet::new();
+        let start = tokio::time::Instant::now();
+        let spacing = Duration::from_secs_f64(1.0 / args.ramp_rate.max(1.0));
+        for id in 0..plan.conns {
+            tokio::time::sleep_until(start + spacing * id as u32).await;
+            let Ok(permit) = dials.clone().acquire_owned().await else {
+                break;
+            };
+            sessions.spawn(workload::session(id, plan.clone(), shared.clone(), permit));
+            if id % 64 == 0 {
+                bar.set_position(shared.dialed.load(Ordering::Relaxed));
+                bar.set_message(format!("{} failed", shared.failed()));
+            }
+        }
+        while (shared.dialed.load(Ordering::Relaxed) as usize) < plan.conns {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            bar.set_position(shared.dialed.load(Ordering::Relaxed));
+            bar.set_message(format!("{} failed", shared.failed()));
+        }
+        bar.finish_and_clear();
+        let ramp_end = tree(&mut probe);
+        proxy_usage.cpu_ramp_s = ramp_end.cpu_ms.saturating_sub(ramp_start.cpu_ms) as f64 / 1000.0;
+        if !quiet {
+            eprintln!(
+                "loadgen: {} established, {} failed {:?} in {:.1}s",
+                shared.established.load(Ordering::Relaxed),
+                shared.failed(),
+                lock(&shared.failures),
+                start.elapsed().as_secs_f64()
+            );
+        }
+
+        // Idle hold: memory with every session open and quiet.
+        shared.set_phase(Phase::Idle);
+        tokio::time::sleep(args.idle_hold).await;
+        let idle = tree(&mut probe);
+        proxy_usage.rss_idle = idle.rss_bytes;
+        proxy_usage.processes = idle.processes;
+        let (sockets, mem) = probe::kernel_tcp();
+        kernel.tcp_mem_idle = mem;
+        kernel.tcp_sockets_idle = sockets;
+
+        // Warm-up, then the measured window, with a status line every second.
+        shared.set_phase(Phase::Warmup);
+        tokio::time::sleep(args.warmup).await;
+        let window_start_usage = tree(&mut probe);
+        let own_start = probe::own_cpu_us();
+        shared.set_phase(Phase::Measure);
+        let window_start = tokio::time::Instant::now();
+        let mut peak_rss = window_start_usage.rss_bytes;
+        let mut peak_tcp = probe::kernel_tcp().1;
+        let mut last_messages = shared.messages_total.load(Ordering::Relaxed);
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.tick().await;
+        while window_start.elapsed() < args.duration {
+            let left = args.duration.saturating_sub(window_start.elapsed());
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = tokio::time::sleep(left) => break,
+            }
+            let usage = tree(&mut probe);
+            peak_rss = peak_rss.max(usage.rss_bytes);
+            peak_tcp = peak_tcp.max(probe::kernel_tcp().1);
+            let total = shared.messages_total.load(Ordering::Relaxed);
+            if !quiet {
+                let p99 = lock(&shared.histograms.rtt).value_at_quantile(0.99);
+                eprintln!(
+                    "loadgen: t={:>3.0}s {:>9} msg/s  p99 {:>8} µs  established {}  dropped {}  proxy rss {:.1} MiB",
+                    window_start.elapsed().as_secs_f64(),
+                    total - last_messages,
+                    p99,
+                    shared.established.load(Ordering::Relaxed),
+                    shared.dropped_total(),
+                    usage.rss_bytes as f64 / (1 << 20) as f64
+                );
+            }
+            last_messages = total;
+        }
+        let window = window_start.elapsed();
+        let window_end_usage = tree(&mut probe);
+        let own_end = probe::own_cpu_us();
+        shared.set_phase(Phase::Stop);
+        proxy_usage.rss_peak = peak_rss.max(window_end_usage.rss_bytes);
+        proxy_usage.cpu_window_s = window_end_usage
+            .cpu_ms
+            .saturating_sub(window_start_usage.cpu_ms) as f64
+            / 1000.0;
+        kernel.tcp_mem_peak = peak_tcp;
+
+        // Let sessions finish the message in flight, bounded.
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            sessions.abort_all();
+        }
+        (window, own_end.saturating_sub(own_start) as f64 / 1e6)
+    };
+    let (window, loadgen_cpu_s) = tokio::select! {
+        result = run => result,
+        _ = interrupted() => {
+            shared.set_phase(Phase::Stop);
+            return Err(Interrupted);
+        }
+    };
+    Ok(Measured {
+        shared,
+        window,
+        proxy: proxy_usage,
+        kernel,
+        loadgen_cpu_s,
+        proxy_died: None,
+    })
+}
