@@ -12,6 +12,7 @@ use crate::cli::Target;
 use crate::record::Record;
 
 /// One row of results/summary.csv: the headline numbers of a run and where its record is.
+/// Numbers are written as the file has always had them (`10000`, `48365.3`, `22.30`).
 #[derive(Debug, Serialize)]
 pub struct SummaryRow<'a> {
     started_at: &'a str,
@@ -19,19 +20,19 @@ pub struct SummaryRow<'a> {
     mode: &'a str,
     conns: usize,
     workers: usize,
-    rate: Option<f64>,
+    rate: String,
     size: usize,
     established: u64,
     failed: u64,
     dropped: u64,
     corrupted: u64,
-    msgs_per_s: f64,
+    msgs_per_s: String,
     rtt_p50_us: u64,
     rtt_p99_us: u64,
     rtt_p999_us: u64,
     handshake_p99_us: u64,
     rss_per_session_idle: u64,
-    cpu_us_per_message: f64,
+    cpu_us_per_message: String,
     outcome: String,
     record: String,
 }
@@ -40,29 +41,25 @@ impl<'a> SummaryRow<'a> {
     /// The row of `record`, whose file is `record_path` (relative to results/).
     pub fn of(record: &'a Record, record_path: &Path) -> Self {
         let c = &record.config;
-        let round = |value: f64, decimals: i32| {
-            let scale = 10f64.powi(decimals);
-            (value * scale).round() / scale
-        };
         SummaryRow {
             started_at: &record.started_at,
             label: &c.label,
             mode: &c.mode,
             conns: c.conns,
             workers: c.workers,
-            rate: c.rate,
+            rate: c.rate.map_or(String::new(), |rate| format!("{rate}")),
             size: c.size,
             established: record.sessions.established,
             failed: record.sessions.failed,
             dropped: record.sessions.dropped.values().sum(),
             corrupted: record.messages.corrupted,
-            msgs_per_s: round(record.messages.per_second, 1),
+            msgs_per_s: format!("{:.1}", record.messages.per_second),
             rtt_p50_us: record.latency_us.rtt.p50,
             rtt_p99_us: record.latency_us.rtt.p99,
             rtt_p999_us: record.latency_us.rtt.p999,
             handshake_p99_us: record.latency_us.handshake.p99,
             rss_per_session_idle: record.proxy.rss_per_session_idle.round() as u64,
-            cpu_us_per_message: round(record.proxy.cpu_us_per_message, 2),
+            cpu_us_per_message: format!("{:.2}", record.proxy.cpu_us_per_message),
             outcome: record.outcome.to_string(),
             record: record_path.display().to_string(),
         }

@@ -256,6 +256,9 @@ pub fn supervise(
         while running > 0 {
             tokio::select! {
                 report = reports.recv() => match report {
+                    Some(Report::Ready { index, generation }) if workers[index].generation == generation => {
+                        workers[index].ready = true;
+                    }
                     Some(Report::Exited { index, generation, success, status, signal })
                         if workers[index].generation == generation =>
                     {

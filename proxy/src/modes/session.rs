@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use crate::config::{Acl, Config};
 use crate::net::BurstLog;
-use crate::socks5::{Failure, HandshakeError};
+use crate::socks5::{Failure, HandshakeError, TargetAddr};
 
 /// How long accepting pauses after running out of descriptors or threads, unless a session
 /// ends first.
@@ -50,8 +50,9 @@ pub fn admit(config: &Config, peer: SocketAddr, open_sessions: usize) -> bool {
 
 /// Walks the addresses a target resolved to, in order, the way every mode dials: addresses
 /// the rules deny are skipped, an address whose connect fails (at once or later) gives way to
-/// the next, and running out of descriptors or ports stops the walk (the next address would
-/// fail alike). What to reply when no address connects is [`Dialer::failure`].
+/// the next, and running out of descriptors, memory or ports stops the walk, however the
+/// connect reported it (the next address would fail alike). What to reply when no address
+/// connects is [`Dialer::failure`].
 ///
 /// It holds no socket: the mode opens and waits for each connect its own way, then reports
 /// a failure with [`Dialer::failed`].
@@ -96,22 +97,22 @@ impl Dialer {
         self.failure = failure;
     }
 
-    /// The failure to reply with once no address connected: the last address's, or
-    /// [`Failure::DeniedByRule`] when the rules allowed none.
+    /// The failure to reply with once no address connected: the last address's;
+    /// [`Failure::DeniedByRule`] when the rules allowed none; [`Failure::DnsFailure`] when
+    /// there was no address at all.
     pub fn failure(&self) -> Failure {
         self.failure
     }
 }
 
-/// Logs a request that failed (its reply was sent).
-pub fn log_request_failed(
-    peer: Option<SocketAddr>,
-    target: &dyn std::fmt::Display,
-    failure: Failure,
-) {
-    match peer {
-        Some(peer) => tracing::info!(%peer, %target, "request failed: {failure}"),
-        None => tracing::info!(%target, "request failed: {failure}"),
+/// Logs a request that failed (its reply was sent), with the client and the destination
+/// asked for when the mode knows them.
+pub fn log_request_failed(peer: Option<SocketAddr>, target: Option<&TargetAddr>, failure: Failure) {
+    match (peer, target) {
+        (Some(peer), Some(target)) => tracing::info!(%peer, %target, "request failed: {failure}"),
+        (Some(peer), None) => tracing::info!(%peer, "request failed: {failure}"),
+        (None, Some(target)) => tracing::info!(%target, "request failed: {failure}"),
+        (None, None) => tracing::info!("request failed: {failure}"),
     }
 }
 

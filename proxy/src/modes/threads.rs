@@ -296,7 +296,7 @@ fn serve_session(
                 Instant::now() + config.handshake_timeout,
                 stop,
             );
-            session::log_request_failed(None, &request.target, failure);
+            session::log_request_failed(None, Some(&request.target), failure);
             return Err(err.into());
         }
     };

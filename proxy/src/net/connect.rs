@@ -11,9 +11,8 @@ use super::burst_log::BurstLog;
 use super::limits;
 use crate::socks5::Failure;
 
-static CONNECT_EXHAUSTED: BurstLog = BurstLog::new(
-    "cannot open an outgoing connection (out of descriptors, memory or local ports); replying 0x01",
-);
+static CONNECT_EXHAUSTED: BurstLog =
+    BurstLog::new("cannot create an outgoing socket; replying 0x01");
 
 /// Creates a non-blocking socket and starts connecting it to `addr`. The connect completes
 /// when the socket becomes writable; [`connect_result`] then tells how it went.

@@ -28,7 +28,7 @@ pub async fn bind(
         target => match resolve(target).await {
             Ok(addrs) => Some(addrs.iter().map(SocketAddr::ip).collect()),
             Err(failure) => {
-                fail(&mut client, &mut handshake, failure, peer, &request.target).await;
+                fail(&mut client, &mut handshake, failure, peer, None).await;
                 return None;
             }
         },
@@ -40,7 +40,7 @@ pub async fn bind(
                 &mut handshake,
                 Failure::DeniedByRule,
                 peer,
-                &request.target,
+                None,
             )
             .await;
             return None;
@@ -55,7 +55,7 @@ pub async fn bind(
                 &mut handshake,
                 connect::failure_of(&err),
                 peer,
-                &request.target,
+                None,
             )
             .await;
             return None;
@@ -74,7 +74,7 @@ pub async fn bind(
                     &mut handshake,
                     Failure::ConnectTimeout,
                     peer,
-                    &request.target,
+                    None,
                 )
                 .await;
                 return None;
@@ -85,7 +85,7 @@ pub async fn bind(
                     &mut handshake,
                     connect::failure_of(&err),
                     peer,
-                    &request.target,
+                    None,
                 )
                 .await;
                 return None;

@@ -161,7 +161,14 @@ async fn establish(
     let (target, bound) = match outcome {
         Ok(connected) => connected,
         Err(failure) => {
-            fail(&mut client, &mut handshake, failure, peer, &request.target).await;
+            fail(
+                &mut client,
+                &mut handshake,
+                failure,
+                peer,
+                Some(&request.target),
+            )
+            .await;
             return None;
         }
     };
@@ -217,7 +224,7 @@ async fn fail(
     handshake: &mut Handshake,
     failure: Failure,
     peer: SocketAddr,
-    target: &TargetAddr,
+    target: Option<&TargetAddr>,
 ) {
     let mut out = Vec::new();
     let _ = handshake.request_failed(failure, &mut out);
@@ -229,10 +236,16 @@ async fn fail(
 async fn resolve(target: &TargetAddr) -> Result<Vec<SocketAddr>, Failure> {
     match target {
         TargetAddr::Ip(addr) => Ok(vec![*addr]),
-        TargetAddr::Domain(name, port) => tokio::net::lookup_host((name.as_str(), *port))
-            .await
-            .map(Iterator::collect)
-            .map_err(|_| Failure::DnsFailure),
+        TargetAddr::Domain(name, port) => {
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), *port))
+                .await
+                .map_err(|_| Failure::DnsFailure)?
+                .collect();
+            if found.is_empty() {
+                return Err(Failure::DnsFailure);
+            }
+            Ok(found)
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use crate::socks5::udp::{encode_datagram, parse_datagram};
 use crate::socks5::{Handshake, Request};
 
 /// How long a UDP association may stay without a datagram when no `--idle-timeout` is set.
-pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(120);
+pub(super) const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(120);
 /// Targets an association remembers as contacted (replies from others are dropped).
 const MAX_CONTACTED: usize = 4096;
 /// The largest UDP payload.
@@ -51,7 +51,7 @@ pub async fn udp_associate(
                 &mut handshake,
                 connect::failure_of(&err),
                 peer,
-                &request.target,
+                None,
             )
             .await;
             return;

@@ -1,5 +1,5 @@
 //! The readiness event loop shared by `select`, `poll`, `epoll` and `epoll-et`: one thread,
-//! non-blocking sockets, one state machine per session (see `session.rs`). The modes differ
+//! non-blocking sockets, one state machine per session (see `conn.rs`). The modes differ
 //! only in the [`Poller`] that waits for readiness.
 //!
 //! Nothing blocks the loop: accept and connect are non-blocking (connect completes on
@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use rustix::event::{eventfd, EventfdFlags};
 use slab::Slab;
 
-use super::poller::{Event, Interest, Poller, Token};
-use super::session::{
+use super::conn::{
     fail_request, negotiate, relay, token, untoken, wanted_interest, Negotiation, NegotiationStep,
     Outcome, Phase, Session, Side, Wake, OVER_POLLER_LIMIT, SELECT_REFUSED,
 };
+use super::poller::{Event, Interest, Poller, Token};
 use crate::config::Config;
-use crate::modes::session::{self as policy, Dialer, EXHAUSTION_BACKOFF};
+use crate::modes::session::{self, Dialer, EXHAUSTION_BACKOFF};
 use crate::net::limits;
 use crate::relay::{self, ReadUntil, SCRATCH_SIZE};
 use crate::shutdown::Shutdown;
@@ -152,14 +152,14 @@ impl<P: Poller> EventLoop<'_, P> {
             if grace_deadline.is_none() && shutdown.is_triggered() {
                 self.stop_accepting();
                 grace_deadline = Some(Instant::now() + self.ctx.config.grace);
-                policy::log_draining(self.ctx.config.grace, self.sessions.len());
+                session::log_draining(self.ctx.config.grace, self.sessions.len());
             }
             if let Some(deadline) = grace_deadline {
                 if self.sessions.is_empty() {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
-                    policy::log_grace_over(self.sessions.len());
+                    session::log_grace_over(self.sessions.len());
                     let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
                     for key in keys {
                         self.close(key, false);
@@ -317,8 +317,8 @@ impl<P: Poller> EventLoop<'_, P> {
         if reset {
             // Pass a reset on: closing with a zero linger sends RST, not FIN.
             match &session.target {
-                Some(target) => policy::pass_reset_on(&[&session.client, target]),
-                None => policy::pass_reset_on(&[&session.client]),
+                Some(target) => session::pass_reset_on(&[&session.client, target]),
+                None => session::pass_reset_on(&[&session.client]),
             }
         }
         drop(session);
@@ -383,7 +383,7 @@ impl<P: Poller> EventLoop<'_, P> {
 
     fn on_accepted(&mut self, client: TcpStream, peer: SocketAddr) {
         let config = self.ctx.config;
-        if !policy::admit(config, peer, self.shared.sessions.load(Ordering::Relaxed)) {
+        if !session::admit(config, peer, self.shared.sessions.load(Ordering::Relaxed)) {
             return;
         }
         if !self.poller.can_watch(client.as_raw_fd()) {
@@ -432,11 +432,12 @@ impl<P: Poller> EventLoop<'_, P> {
             return;
         }
         let failure = match result {
-            Ok(addrs) if !addrs.is_empty() => {
+            // An empty list fails in the dialer, with the same DnsFailure.
+            Ok(addrs) => {
                 negotiation.step = NegotiationStep::Connecting(Dialer::new(addrs));
                 None
             }
-            _ => Some(Failure::DnsFailure),
+            Err(_) => Some(Failure::DnsFailure),
         };
         if let Some(failure) = failure {
             fail_request(negotiation, failure);

@@ -1,5 +1,5 @@
 //! The readiness modes: `select`, `poll`, `epoll` and `epoll-et`. One event loop
-//! (`event_loop.rs`) drives one state machine per session (`session.rs`); the modes differ
+//! (`event_loop.rs`) drives one state machine per session (`conn.rs`); the modes differ
 //! only in the [`Poller`] backend that waits (`select.rs`, `poll.rs`, `epoll.rs`, all behind
 //! the contract in `poller.rs`). The only `unsafe` code of the crate is in `sys.rs`.
 
@@ -10,19 +10,19 @@ use std::sync::atomic::AtomicUsize;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 
+mod conn;
 mod epoll;
 pub mod event_loop;
 mod poll;
 pub mod poller;
 mod select;
-mod session;
 mod sys;
 
+pub use conn::SELECT_REFUSED;
 pub use epoll::EpollPoller;
 pub use poll::PollPoller;
 pub use poller::Poller;
 pub use select::SelectPoller;
-pub use session::SELECT_REFUSED;
 
 /// The readiness backend of a mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::event_loop::{wake, Context};
 use super::poller::{Interest, Poller, Token};
-use crate::modes::session::Dialer;
+use crate::modes::session::{self, Dialer};
 use crate::net::connect;
 use crate::net::resolver::Resolver;
 use crate::net::BurstLog;
@@ -156,7 +156,7 @@ pub(super) fn fail_request(negotiation: &mut Negotiation, failure: Failure) {
         .handshake
         .request_failed(failure, &mut negotiation.out);
     negotiation.step = NegotiationStep::Closing;
-    tracing::info!("request failed: {failure}");
+    session::log_request_failed(None, None, failure);
 }
 
 /// Drives the handshake, resolution and connect as far as they go without blocking.
