@@ -154,10 +154,10 @@ fn malformed_greetings_are_closed(mode: Mode) {
 
 /// Sends a raw request after a no-auth greeting and returns the reply code, checking that the
 /// server closes the connection after a failure.
+#[track_caller]
 fn raw_request_reply(proxy: SocketAddr, request: &[u8]) -> ReplyCode {
     let mut stream = connect(proxy);
-    stream.write_all(&[5, 1, 0]).expect("greeting");
-    assert_eq!(read_exact(&mut stream, 2).expect("method"), [5, 0]);
+    negotiate(&mut stream, None).expect("greeting");
     stream.write_all(request).expect("request");
     let (code, bound) = read_reply(&mut stream).expect("reply");
     if code != ReplyCode::Succeeded {

@@ -68,10 +68,12 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    #[track_caller]
     pub fn start(mode: Mode, config: Config) -> Self {
         Self::start_on("127.0.0.1:0", mode, config)
     }
 
+    #[track_caller]
     pub fn start_on(listen: &str, mode: Mode, config: Config) -> Self {
         let listener = TcpListener::bind(listen).expect("bind proxy listener");
         let addr = listener.local_addr().expect("local addr");
@@ -221,6 +223,7 @@ pub struct Target {
 }
 
 impl Target {
+    #[track_caller]
     pub fn spawn<F>(bind: &str, handle: F) -> Self
     where
         F: Fn(TcpStream) + Send + Sync + 'static,
@@ -303,6 +306,7 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts `command` (which runs the proxy binary, perhaps through a shell) and waits for
     /// its ready line.
+    #[track_caller]
     pub fn spawn(mut command: std::process::Command) -> Self {
         let child = command
             .stdout(std::process::Stdio::piped())
@@ -314,6 +318,7 @@ impl ProxyProcess {
 
     /// Adopts a child spawned with piped stdout (and perhaps piped stderr, collected in the
     /// background for [`ProxyProcess::take_stderr`]).
+    #[track_caller]
     pub fn spawn_from(mut child: std::process::Child) -> Self {
         use std::io::BufRead;
         let stdout = child.stdout.take().expect("piped stdout");
@@ -345,6 +350,7 @@ impl ProxyProcess {
 
     /// Starts the proxy binary with `args` (which name the listen address), keeping its
     /// stderr for [`ProxyProcess::take_stderr`].
+    #[track_caller]
     pub fn start_capturing_stderr<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
         let child = std::process::Command::new(proxy_binary())
             .args(args)
@@ -356,6 +362,7 @@ impl ProxyProcess {
     }
 
     /// Starts the proxy binary with `args` on a free loopback port.
+    #[track_caller]
     pub fn start(args: &[&str]) -> Self {
         let mut command = std::process::Command::new(proxy_binary());
         command.args(["--listen", "127.0.0.1:0"]).args(args);
@@ -476,6 +483,7 @@ pub fn reset(stream: TcpStream) {
 /// A loopback listener whose accept queue is full, so further SYNs are dropped: a connect to
 /// it neither succeeds nor fails until it times out. Returns the address and the connections
 /// that fill the queue (keep them alive).
+#[track_caller]
 pub fn black_hole() -> (SocketAddr, Vec<TcpStream>) {
     use rustix::net::{bind, listen, socket, AddressFamily, SocketType};
     let fd = socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
