@@ -4,8 +4,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use proxy::socks5::client;
-use proxy::socks5::TargetAddr;
 use proxy::socks5::udp::{encode_datagram, parse_datagram};
+use proxy::socks5::TargetAddr;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((TargetAddr::Ip(target), payload)) = parse_datagram(data) {

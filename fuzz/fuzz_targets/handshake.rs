@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use proxy::socks5::auth::UserDb;
-use proxy::socks5::{Handshake, HandshakeError, Step};
 use proxy::socks5::Failure;
+use proxy::socks5::{Handshake, HandshakeError, Step};
 
 /// The bytes written, where the machine stopped, and the bytes left for the relay.
 fn run(users: Option<Arc<UserDb>>, input: &[u8], pieces: &[u8]) -> (Vec<u8>, Step, Vec<u8>) {
