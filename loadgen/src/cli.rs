@@ -96,6 +96,46 @@ impl ValueEnum for Target {
     }
 }
 
+/// How an open-loop pacer waits for the last stretch before a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PacerKind {
+    /// Sleep (timerfd, 1 ns slack) until shortly before the send, then poll the clock: the
+    /// default; costs little CPU on a small machine.
+    Sleep,
+    /// Poll the clock and the sockets without ever sleeping: the most exact schedule, and a
+    /// whole core per pacer thread.
+    Spin,
+}
+
+impl PacerKind {
+    /// The name in records.
+    pub fn name(self) -> &'static str {
+        match self {
+            PacerKind::Sleep => "sleep",
+            PacerKind::Spin => "spin",
+        }
+    }
+}
+
+/// When open-loop messages are scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Arrivals {
+    /// Evenly spaced: the default, comparable between runs.
+    Uniform,
+    /// Exponential gaps (seeded by --seed): what independent users look like.
+    Poisson,
+}
+
+impl Arrivals {
+    /// The name in records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arrivals::Uniform => "uniform",
+            Arrivals::Poisson => "poisson",
+        }
+    }
+}
+
 /// The settings of a measured run.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -155,10 +195,27 @@ pub struct RunArgs {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub idle_hold: Duration,
 
-    /// Open loop: total messages per second, spread evenly over the sessions; latency is
-    /// measured from each message's scheduled send time. Default: closed loop.
+    /// Open loop: total messages per second offered, dealt to the sessions in turn and sent by
+    /// pacer threads on an absolute schedule (--pacer, --arrivals); latency is measured from
+    /// each message's scheduled send time. Default: closed loop.
     #[arg(long)]
     pub rate: Option<f64>,
+
+    /// Open loop: how the pacer waits before each send (the record says which).
+    #[arg(long, value_enum, default_value_t = PacerKind::Sleep)]
+    pub pacer: PacerKind,
+
+    /// Open loop: evenly spaced sends, or Poisson arrivals.
+    #[arg(long, value_enum, default_value_t = Arrivals::Uniform)]
+    pub arrivals: Arrivals,
+
+    /// Open loop: pacer threads, each owning an equal share of the sessions.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub pacer_threads: u16,
+
+    /// Seed of the Poisson schedule.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 
     /// Source addresses 127.0.0.1..=127.0.0.K that sessions are spread over
     /// [default: one per 8,000 sessions].
@@ -177,8 +234,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub tag: Option<String>,
 
-    /// loadgen's own runtime threads [default: 1 for open loop, where one thread keeps up and
-    /// avoids cross-thread wake-ups; every core for closed loop].
+    /// loadgen's own runtime threads, which dial and run the phases (and, in closed loop, the
+    /// sessions) [default: 1 for open loop, where the pacer threads send; every core for
+    /// closed loop].
     #[arg(long)]
     pub loadgen_threads: Option<usize>,
 
@@ -211,6 +269,20 @@ impl RunArgs {
         self.loadgen_threads
             .unwrap_or(if self.rate.is_some() { 1 } else { cores })
             .max(1)
+    }
+
+    /// The open-loop pacer's settings, or `None` in closed loop.
+    pub fn pacer_config(&self, conns: usize) -> Option<crate::pacer::PacerConfig> {
+        self.rate.map(|rate| crate::pacer::PacerConfig {
+            kind: self.pacer,
+            arrivals: self.arrivals,
+            rate,
+            conns,
+            threads: usize::from(self.pacer_threads),
+            size: self.size as usize,
+            io_timeout: self.io_timeout,
+            seed: self.seed,
+        })
     }
 
     /// The username and password of `--auth`.

@@ -9,6 +9,7 @@
 mod cli;
 mod echo;
 mod measure;
+mod pacer;
 mod plot;
 mod probe;
 mod record;

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::record::Cause;
 
@@ -85,8 +84,6 @@ pub struct Shared {
     pub dropped: Mutex<BTreeMap<String, u64>>,
     /// Latencies.
     pub histograms: Histograms,
-    /// When the workload started (open-loop schedules count from here).
-    pub workload_start: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -104,7 +101,6 @@ impl Shared {
             corrupted: AtomicU64::new(0),
             dropped: Mutex::new(BTreeMap::new()),
             histograms: Histograms::new(),
-            workload_start: Mutex::new(None),
         })
     }
 
@@ -120,9 +116,6 @@ impl Shared {
 
     /// Moves every session to `phase`.
     pub fn set_phase(&self, phase: Phase) {
-        if phase == Phase::Warmup {
-            *lock(&self.workload_start) = Some(Instant::now());
-        }
         self.phase.store(phase as u8, Ordering::Release);
         self.phase_tx.send_replace(phase);
     }

@@ -22,7 +22,11 @@ use crate::stack::Resources;
 use crate::workload::Plan;
 
 /// Bumped when a field changes meaning or disappears.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+
+fn bytes() -> String {
+    "bytes".to_owned()
+}
 
 /// Why a dial failed or an established session was dropped; its text is the key it is
 /// counted under in `sessions.failures` and `sessions.dropped`.
@@ -317,14 +321,18 @@ pub struct ProxyUsage {
     pub cpu_us_per_message: f64,
 }
 
-/// Kernel TCP memory (not part of any RSS), from /proc/net/sockstat.
+/// Kernel TCP memory (not part of any RSS), from /proc/net/sockstat: machine-wide, so other
+/// traffic on the host counts too.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct KernelUsage {
+    /// The unit of the `tcp_mem_*` fields: bytes (sockstat's pages × the page size).
+    #[serde(default = "bytes")]
+    pub tcp_mem_unit: String,
     /// Bytes before any session.
     pub tcp_mem_before: u64,
     /// Bytes with every session idle.
     pub tcp_mem_idle: u64,
-    /// Highest sampled under load.
+    /// Highest of every sample (before, idle and each second of the window).
     pub tcp_mem_peak: u64,
     /// TCP sockets in use with every session idle.
     pub tcp_sockets_idle: u64,
@@ -350,6 +358,57 @@ pub struct Latencies {
     pub service: Option<Percentiles>,
 }
 
+/// How far the instrument itself was off in a run, and whether that limits the result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Harness {
+    /// Open loop: how the pacer waited before sends (`sleep` or `spin`); null in closed loop.
+    pub pacer: Option<String>,
+    /// Open loop: `uniform` or `poisson`.
+    pub arrivals: Option<String>,
+    /// Open loop: pacer threads.
+    pub pacer_threads: usize,
+    /// Open loop: how late the pacer acted on each scheduled send (acted − scheduled), µs.
+    pub lateness_us: Option<Percentiles>,
+    /// Open loop: the share of scheduled sends acted on more than 50 µs late.
+    pub late_share: Option<f64>,
+    /// Open loop: messages per second offered.
+    pub offered_rate: Option<f64>,
+    /// Open loop: scheduled sends the pacer acted on, per second of the window.
+    pub dispatched_rate: Option<f64>,
+    /// Round trips completed per second of the window.
+    pub achieved_rate: f64,
+    /// Open loop: sends that waited for their session's previous echo (they still count from
+    /// their scheduled time).
+    pub queued_behind_echo: u64,
+    /// Open loop: scheduled sends no live session could carry (sessions were dropped).
+    pub skipped: u64,
+    /// How late a thread sleeping 1 ms at a time woke in the window: the host's own hiccups.
+    pub control_sleep_late_us: Percentiles,
+    /// Open loop: the share of the window the pacer threads slept (timer or echo), per thread.
+    pub pacer_slept_share: Option<f64>,
+    /// Open loop: the share of the window the pacer threads polled with nothing to do (the
+    /// spin before each send), per thread.
+    pub pacer_idle_poll_share: Option<f64>,
+    /// loadgen's CPU in the window, in cores (CPU seconds / window seconds).
+    pub loadgen_cores: f64,
+    /// loadgen's CPU less its pacers' idle polling, in cores: the work it did.
+    pub loadgen_busy_cores: f64,
+    /// Whether the instrument may have shaped the result (see `limited_by`).
+    pub limited: bool,
+    /// Why: schedule lateness p99 over 50 µs, a rate off by more than 1 %, loadgen near a core.
+    pub limited_by: Vec<String>,
+}
+
+/// The self-check's limits.
+pub mod limits {
+    /// Schedule lateness p99 above this marks a run harness-limited, µs.
+    pub const LATENESS_P99_US: u64 = 50;
+    /// Dispatched or achieved rate further than this from the offered rate, as a fraction.
+    pub const RATE_ERROR: f64 = 0.01;
+    /// loadgen's busy CPU (idle polling excluded) above this, in cores.
+    pub const CORES: f64 = 0.9;
+}
+
 /// Histograms, serialized (V2 deflate, base64), for merging.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EncodedHistograms {
@@ -359,6 +418,9 @@ pub struct EncodedHistograms {
     pub rtt: String,
     /// Service time (open loop).
     pub service: Option<String>,
+    /// Schedule lateness (open loop).
+    #[serde(default)]
+    pub lateness: Option<String>,
 }
 
 /// Everything about one run.
@@ -386,6 +448,9 @@ pub struct Record {
     pub kernel: KernelUsage,
     /// loadgen's own cost.
     pub loadgen: LoadgenUsage,
+    /// How far the instrument was off (absent from schema 1 records).
+    #[serde(default)]
+    pub harness: Harness,
     /// `ok`, or why the run failed.
     pub outcome: Outcome,
     /// Serialized histograms.
@@ -463,7 +528,7 @@ pub fn assemble(
     let established = shared.established.load(Ordering::Relaxed);
     let messages = shared.messages.load(Ordering::Relaxed);
     let window_s = measured.window.as_secs_f64();
-    let mut proxy = measured.proxy;
+    let mut proxy = measured.proxy.clone();
     let per_session = |rss: u64| {
         if established == 0 {
             0.0
@@ -482,7 +547,7 @@ pub fn assemble(
     let dropped = lock(&shared.dropped).clone();
     let outcome = if corrupted > 0 {
         Outcome::Corrupted(corrupted)
-    } else if let Some(status) = measured.proxy_died {
+    } else if let Some(status) = measured.proxy_died.clone() {
         Outcome::ProxyDied(status)
     } else if dropped.values().sum::<u64>() > 0 {
         Outcome::Dropped(dropped.clone())
@@ -490,6 +555,9 @@ pub fn assemble(
         Outcome::Ok
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let harness = harness(args, plan, &measured, messages, window_s);
+    let mut kernel = measured.kernel;
+    kernel.tcp_mem_unit = bytes();
     let loadgen = LoadgenUsage {
         cpu_window_s: measured.loadgen_cpu_s,
         maybe_bottleneck: window_s > 0.0 && measured.loadgen_cpu_s / window_s > 0.8 * cores,
@@ -553,15 +621,108 @@ pub fn assemble(
             service: plan.rate.map(|_| Percentiles::of(&service)),
         },
         proxy,
-        kernel: measured.kernel,
+        kernel,
         loadgen,
+        harness,
         outcome,
         histograms: EncodedHistograms {
             handshake: encode(&handshake)?,
             rtt: encode(&rtt)?,
             service: plan.rate.map(|_| encode(&service)).transpose()?,
+            lateness: measured
+                .pacer
+                .as_ref()
+                .map(|report| encode(&report.lateness))
+                .transpose()?,
         },
     })
+}
+
+/// The instrument's self-check of one run.
+fn harness(
+    args: &RunArgs,
+    plan: &Plan,
+    measured: &Measured,
+    messages: u64,
+    window_s: f64,
+) -> Harness {
+    let per_second = |count: u64| {
+        if window_s > 0.0 {
+            count as f64 / window_s
+        } else {
+            0.0
+        }
+    };
+    let loadgen_cores = if window_s > 0.0 {
+        measured.loadgen_cpu_s / window_s
+    } else {
+        0.0
+    };
+    let mut harness = Harness {
+        achieved_rate: per_second(messages),
+        control_sleep_late_us: Percentiles::of(&measured.control),
+        loadgen_cores,
+        loadgen_busy_cores: loadgen_cores,
+        ..Harness::default()
+    };
+    if let (Some(offered), Some(report)) = (plan.rate, &measured.pacer) {
+        let lateness = Percentiles::of(&report.lateness);
+        harness.pacer = Some(args.pacer.name().to_owned());
+        harness.arrivals = Some(args.arrivals.name().to_owned());
+        harness.pacer_threads = usize::from(args.pacer_threads);
+        harness.late_share = Some(if report.dispatched == 0 {
+            0.0
+        } else {
+            report.late as f64 / report.dispatched as f64
+        });
+        harness.offered_rate = Some(offered);
+        harness.dispatched_rate = Some(per_second(report.dispatched));
+        harness.queued_behind_echo = report.queued_behind_echo;
+        harness.skipped = report.skipped;
+        if lateness.p99 > limits::LATENESS_P99_US {
+            harness.limited_by.push(format!(
+                "schedule lateness p99 {} µs > {} µs",
+                lateness.p99,
+                limits::LATENESS_P99_US
+            ));
+        }
+        for (what, rate) in [
+            ("dispatched", per_second(report.dispatched)),
+            ("achieved", harness.achieved_rate),
+        ] {
+            let error = rate / offered - 1.0;
+            if error.abs() > limits::RATE_ERROR {
+                harness.limited_by.push(format!(
+                    "{what} {rate:.0} msg/s is {:+.1} % off the offered {offered:.0}",
+                    error * 100.0
+                ));
+            }
+        }
+        harness.lateness_us = Some(lateness);
+        let threads = f64::from(args.pacer_threads);
+        if window_s > 0.0 {
+            harness.pacer_slept_share = Some(report.slept_ns as f64 / 1e9 / window_s / threads);
+            let idle_poll_cores = report.idle_poll_ns as f64 / 1e9 / window_s;
+            harness.pacer_idle_poll_share = Some(idle_poll_cores / threads);
+            harness.loadgen_busy_cores = (loadgen_cores - idle_poll_cores).max(0.0);
+        }
+    }
+    // Open loop: the work of pacing should stay well under a core (polling before a send is
+    // not work: it is how the schedule is kept). Closed loop runs loadgen on every core on
+    // purpose; there it only counts once it takes most of the machine.
+    let cpu_limit = if plan.rate.is_some() {
+        limits::CORES
+    } else {
+        0.8 * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+    };
+    if harness.loadgen_busy_cores > cpu_limit {
+        harness.limited_by.push(format!(
+            "loadgen was busy {:.2} cores",
+            harness.loadgen_busy_cores
+        ));
+    }
+    harness.limited = !harness.limited_by.is_empty();
+    harness
 }
 
 /// The record's histograms, decoded, by name.

@@ -194,6 +194,47 @@ pub fn print_summary(record: &Record) {
             service.p50, service.p99, service.p999
         );
     }
+    let h = &record.harness;
+    if let (Some(lateness), Some(offered)) = (&h.lateness_us, h.offered_rate) {
+        println!(
+            "  schedule     pacer {} ({} thread{}), {} arrivals: lateness p50 {} µs  p99 {} µs  max {} µs; {:.2} % of sends > 50 µs late",
+            h.pacer.as_deref().unwrap_or("-"),
+            h.pacer_threads,
+            if h.pacer_threads == 1 { "" } else { "s" },
+            h.arrivals.as_deref().unwrap_or("-"),
+            lateness.p50,
+            lateness.p99,
+            lateness.max,
+            h.late_share.unwrap_or(0.0) * 100.0
+        );
+        println!(
+            "  rate         offered {offered:.0}, dispatched {:.0}, achieved {:.0} msg/s; {} sends waited for an echo",
+            h.dispatched_rate.unwrap_or(0.0),
+            h.achieved_rate,
+            h.queued_behind_echo
+        );
+    }
+    println!(
+        "  host         a 1 ms sleep woke late by p50 {} µs  p99 {} µs  max {} µs",
+        h.control_sleep_late_us.p50, h.control_sleep_late_us.p99, h.control_sleep_late_us.max
+    );
+    if let (Some(slept), Some(polled)) = (h.pacer_slept_share, h.pacer_idle_poll_share) {
+        println!(
+            "  pacer        slept {:.0} % of the window, polled idle {:.0} % (per thread)",
+            slept * 100.0,
+            polled * 100.0
+        );
+    }
+    println!(
+        "  harness      loadgen {:.2} cores ({:.2} busy); {}",
+        h.loadgen_cores,
+        h.loadgen_busy_cores,
+        if h.limited {
+            format!("HARNESS-LIMITED: {}", h.limited_by.join("; "))
+        } else {
+            "self-check passed".to_owned()
+        }
+    );
     println!(
         "  handshake    p50 {} µs  p99 {} µs  max {} µs",
         l.handshake.p50, l.handshake.p99, l.handshake.max

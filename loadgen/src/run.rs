@@ -9,7 +9,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::cli::RunArgs;
-use crate::measure::{lock, Phase, Shared};
+use hdrhistogram::Histogram;
+
+use crate::measure::{histogram, lock, Phase, Shared};
+use crate::pacer::{self, PacerReport, Pacers};
 use crate::probe::{self, ProcessProbe};
 use crate::record::{KernelUsage, ProxyUsage};
 use crate::workload::{self, Plan};
@@ -31,6 +34,10 @@ pub struct Measured {
     pub loadgen_cpu_s: f64,
     /// The proxy's exit status, if it died during the run.
     pub proxy_died: Option<String>,
+    /// Open loop: what the pacer threads measured, themselves included.
+    pub pacer: Option<PacerReport>,
+    /// How late a thread sleeping 1 ms at a time woke in the window (host hiccups), µs.
+    pub control: Histogram<u64>,
 }
 
 async fn interrupted() {
@@ -65,6 +72,22 @@ pub async fn drive(
     proxy_usage.rss_before = before.rss_bytes;
     proxy_usage.processes = before.processes;
     kernel.tcp_mem_before = probe::kernel_tcp().1;
+    // Kernel TCP memory is machine-wide and moves on its own: the peak is the highest of every
+    // sample, before and idle included, so it can never read below them.
+    let mut peak_tcp = kernel.tcp_mem_before;
+
+    let pacers = match (plan.rate, &args.pacer_config(plan.conns)) {
+        (Some(_), Some(config)) => match Pacers::start(config, shared.clone()) {
+            Ok(pacers) => Some(pacers),
+            Err(err) => {
+                eprintln!("loadgen: cannot start the pacer threads: {err}");
+                return Err(Interrupted);
+            }
+        },
+        _ => None,
+    };
+    let inlet = pacers.as_ref().map(Pacers::inlet);
+    let control = pacer::control_sleeper(shared.clone());
 
     let run = async {
         // Ramp.
@@ -90,7 +113,13 @@ pub async fn drive(
             let Ok(permit) = dials.clone().acquire_owned().await else {
                 break;
             };
-            sessions.spawn(workload::session(id, plan.clone(), shared.clone(), permit));
+            sessions.spawn(workload::session(
+                id,
+                plan.clone(),
+                shared.clone(),
+                permit,
+                inlet.clone(),
+            ));
             if id % 64 == 0 {
                 bar.set_position(shared.dialed.load(Ordering::Relaxed));
                 bar.set_message(format!("{} failed", shared.failed()));
@@ -123,6 +152,7 @@ pub async fn drive(
         let (sockets, mem) = probe::kernel_tcp();
         kernel.tcp_mem_idle = mem;
         kernel.tcp_sockets_idle = sockets;
+        peak_tcp = peak_tcp.max(mem);
 
         // Warm-up, then the measured window, with a status line every second.
         shared.set_phase(Phase::Warmup);
@@ -132,7 +162,7 @@ pub async fn drive(
         shared.set_phase(Phase::Measure);
         let window_start = tokio::time::Instant::now();
         let mut peak_rss = window_start_usage.rss_bytes;
-        let mut peak_tcp = probe::kernel_tcp().1;
+        peak_tcp = peak_tcp.max(probe::kernel_tcp().1);
         let mut last_messages = shared.messages_total.load(Ordering::Relaxed);
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.tick().await;
@@ -147,7 +177,14 @@ pub async fn drive(
             peak_tcp = peak_tcp.max(probe::kernel_tcp().1);
             let total = shared.messages_total.load(Ordering::Relaxed);
             if !quiet {
-                let p99 = lock(&shared.histograms.rtt).value_at_quantile(0.99);
+                // Open loop measures in the pacer threads: its p99 is known at the end.
+                let p99 = if plan.rate.is_none() {
+                    lock(&shared.histograms.rtt)
+                        .value_at_quantile(0.99)
+                        .to_string()
+                } else {
+                    "-".to_owned()
+                };
                 eprintln!(
                     "loadgen: t={:>3.0}s {:>9} msg/s  p99 {:>8} µs  established {}  dropped {}  proxy rss {:.1} MiB",
                     window_start.elapsed().as_secs_f64(),
@@ -169,7 +206,6 @@ pub async fn drive(
             .cpu_ms
             .saturating_sub(window_start_usage.cpu_ms) as f64
             / 1000.0;
-        kernel.tcp_mem_peak = peak_tcp;
 
         // Let sessions finish the message in flight, bounded.
         let drained = tokio::time::timeout(Duration::from_secs(10), async {
@@ -181,13 +217,31 @@ pub async fn drive(
         }
         (window, own_end.saturating_sub(own_start) as f64 / 1e6)
     };
-    let (window, loadgen_cpu_s) = tokio::select! {
-        result = run => result,
-        _ = interrupted() => {
-            shared.set_phase(Phase::Stop);
-            return Err(Interrupted);
-        }
+    let finished = tokio::select! {
+        result = run => Some(result),
+        _ = interrupted() => None,
     };
+    shared.set_phase(Phase::Stop);
+    // The pacers let their messages in flight come back (bounded), then end.
+    let pacer = match pacers {
+        Some(pacers) => tokio::task::spawn_blocking(move || pacers.join())
+            .await
+            .ok(),
+        None => None,
+    };
+    let control = tokio::task::spawn_blocking(move || control.join())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_else(histogram);
+    let Some((window, loadgen_cpu_s)) = finished else {
+        return Err(Interrupted);
+    };
+    kernel.tcp_mem_peak = peak_tcp;
+    if let Some(report) = &pacer {
+        let _ = lock(&shared.histograms.rtt).add(&report.rtt);
+        let _ = lock(&shared.histograms.service).add(&report.service);
+    }
     Ok(Measured {
         shared,
         window,
@@ -195,5 +249,7 @@ pub async fn drive(
         kernel,
         loadgen_cpu_s,
         proxy_died: None,
+        pacer,
+        control,
     })
 }

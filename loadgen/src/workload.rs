@@ -17,6 +17,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout, Instant};
 
 use crate::measure::{lock, Phase, Shared};
+use crate::pacer::Inlet;
 use crate::record::Cause;
 
 /// What every session needs to know.
@@ -121,12 +122,14 @@ async fn dial(id: usize, plan: &Plan) -> Result<TcpStream, Cause> {
     }
 }
 
-/// One session: dial, wait for the workload, run it until the stop phase.
+/// One session: dial, then either hand the connection to its pacer thread (open loop, with
+/// an `inlet`) or wait for the workload and run it closed-loop until the stop phase.
 pub async fn session(
     id: usize,
     plan: Arc<Plan>,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
+    inlet: Option<Inlet>,
 ) {
     let started = Instant::now();
     let dialed = timeout(plan.io_timeout, dial(id, &plan)).await;
@@ -148,6 +151,13 @@ pub async fn session(
     let _ = lock(&shared.histograms.handshake).record(micros.max(1));
     shared.established.fetch_add(1, Ordering::Relaxed);
     shared.dialed.fetch_add(1, Ordering::Relaxed);
+    if let Some(inlet) = inlet {
+        match stream.into_std() {
+            Ok(stream) => inlet.hand_over(id, stream),
+            Err(err) => Shared::count(&shared.dropped, Cause::of(&err)),
+        }
+        return;
+    }
 
     let mut phases = shared.phases();
     while *phases.borrow_and_update() < Phase::Warmup {
@@ -156,13 +166,14 @@ pub async fn session(
         }
     }
     drop(phases);
-    if let Err(cause) = run_messages(id, stream, &plan, &shared).await {
+    if let Err(cause) = closed_loop(id, stream, &plan, &shared).await {
         Shared::count(&shared.dropped, cause);
     }
 }
 
-/// Sends messages until the stop phase; `Err(cause)` if the session broke.
-async fn run_messages(
+/// Sends one message at a time, each as soon as the previous echo is back, until the stop
+/// phase; `Err(cause)` if the session broke.
+async fn closed_loop(
     id: usize,
     mut stream: TcpStream,
     plan: &Plan,
@@ -170,25 +181,14 @@ async fn run_messages(
 ) -> Result<(), Cause> {
     let mut sent = vec![0u8; plan.size];
     let mut received = vec![0u8; plan.size];
-    let per_session_interval = plan
-        .rate
-        .map(|rate| Duration::from_secs_f64(plan.conns as f64 / rate.max(1e-9)));
-    let start = lock(&shared.workload_start).unwrap_or_else(Instant::now);
-    // Spread the sessions' schedules evenly over one interval.
-    let mut next_send = per_session_interval
-        .map(|interval| start + interval.mul_f64(id as f64 / plan.conns.max(1) as f64));
     let mut seq = 0u64;
     loop {
-        if let Some(at) = next_send {
-            tokio::time::sleep_until(at).await;
-        }
         let phase = shared.phase();
         if phase == Phase::Stop {
             let _ = stream.shutdown().await;
             return Ok(());
         }
         fill_pattern(&mut sent, id, seq);
-        let scheduled = next_send.unwrap_or_else(Instant::now);
         let written_at = Instant::now();
         let round_trip = async {
             stream.write_all(&sent).await?;
@@ -200,7 +200,6 @@ async fn run_messages(
             Ok(Err(err)) => return Err(Cause::of(&err)),
             Err(_) => return Err(Cause::Timeout),
         }
-        let done = Instant::now();
         if received != sent {
             shared.corrupted.fetch_add(1, Ordering::Relaxed);
             return Err(Cause::Corrupted);
@@ -208,17 +207,10 @@ async fn run_messages(
         shared.messages_total.fetch_add(1, Ordering::Relaxed);
         if phase == Phase::Measure {
             shared.messages.fetch_add(1, Ordering::Relaxed);
-            let rtt = done.saturating_duration_since(scheduled).as_micros() as u64;
+            let rtt = written_at.elapsed().as_micros() as u64;
             let _ = lock(&shared.histograms.rtt).record(rtt.max(1));
-            if plan.rate.is_some() {
-                let service = done.saturating_duration_since(written_at).as_micros() as u64;
-                let _ = lock(&shared.histograms.service).record(service.max(1));
-            }
         }
         seq += 1;
-        if let (Some(at), Some(interval)) = (next_send.as_mut(), per_session_interval) {
-            *at += interval;
-        }
     }
 }
 

@@ -48,7 +48,7 @@ pub fn load(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<Record>> {
         let text = std::fs::read_to_string(&path)?;
         let record: Record = serde_json::from_str(&text)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        if record.schema_version != record::SCHEMA_VERSION {
+        if record.schema_version > record::SCHEMA_VERSION {
             continue;
         }
         if tag.is_some_and(|tag| record.config.tag.as_deref() != Some(tag)) {
