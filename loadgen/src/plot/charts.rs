@@ -42,6 +42,8 @@ pub(super) struct LineChart<'a> {
     pub(super) x_label: &'a str,
     /// Percentile-spectrum x axis instead of connections.
     pub(super) spectrum: bool,
+    /// Points measured by runs the instrument marked harness-limited: ringed in red.
+    pub(super) limited: Vec<(f64, f64)>,
 }
 
 pub(super) fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
@@ -244,6 +246,18 @@ where
             };
             drawn.map_err(|e| err(&e))?;
         }
+    }
+    if !chart.limited.is_empty() {
+        let red = RGBColor(200, 0, 0);
+        ctx.draw_series(
+            chart
+                .limited
+                .iter()
+                .map(|&p| EmptyElement::at(p) + Circle::new((0, 0), 10, red.stroke_width(2))),
+        )
+        .map_err(|e| err(&e))?
+        .label("harness-limited run (see its record)")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 6, red.stroke_width(2)));
     }
     ctx.configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)

@@ -23,6 +23,8 @@ pub(super) struct Point {
     pub(super) rss_per_session: f64,
     pub(super) cpu_us_per_msg: f64,
     pub(super) rtt: Histogram<u64>,
+    /// Whether a run of the group was marked harness-limited.
+    pub(super) limited: bool,
 }
 
 pub(super) fn median(mut values: Vec<f64>) -> f64 {
@@ -63,17 +65,28 @@ pub fn load(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<Record>> {
 /// Per label, its points in order of sessions.
 pub(super) type Series = BTreeMap<String, Vec<Point>>;
 
-/// Groups records with the same offered load into per-label series of median points.
+/// Groups records with the same offered load into per-label series of median points, one
+/// point per session count.
 pub(super) fn series(records: &[&Record]) -> anyhow::Result<Series> {
-    let mut groups: BTreeMap<(String, usize), Vec<&Record>> = BTreeMap::new();
+    series_over(records, |record| record.config.conns as f64)
+}
+
+/// Like [`series`], with the points along `x` (e.g. the offered rate) instead of sessions; a
+/// point's `conns` then holds its `x`.
+pub(super) fn series_over(
+    records: &[&Record],
+    x: impl Fn(&Record) -> f64,
+) -> anyhow::Result<Series> {
+    let mut groups: BTreeMap<(String, u64), Vec<&Record>> = BTreeMap::new();
     for record in records {
         groups
-            .entry((record.config.label.clone(), record.config.conns))
+            .entry((record.config.label.clone(), x(record).to_bits()))
             .or_default()
             .push(record);
     }
     let mut out: Series = BTreeMap::new();
-    for ((label, conns), runs) in groups {
+    for ((label, x_bits), runs) in groups {
+        let conns = f64::from_bits(x_bits);
         let collect = |f: &dyn Fn(&Record) -> f64| median(runs.iter().map(|r| f(r)).collect());
         let mut rtt = crate::measure::histogram();
         for run in &runs {
@@ -81,7 +94,7 @@ pub(super) fn series(records: &[&Record]) -> anyhow::Result<Series> {
                 .map_err(|e| anyhow::anyhow!("cannot merge histograms: {e:?}"))?;
         }
         out.entry(label).or_default().push(Point {
-            conns: conns as f64,
+            conns,
             runs: runs.len(),
             established: collect(&|r| r.sessions.established as f64),
             msgs_per_s: collect(&|r| r.messages.per_second),
@@ -91,6 +104,7 @@ pub(super) fn series(records: &[&Record]) -> anyhow::Result<Series> {
             rss_per_session: collect(&|r| r.proxy.rss_per_session_idle),
             cpu_us_per_msg: collect(&|r| r.proxy.cpu_us_per_message),
             rtt,
+            limited: runs.iter().any(|r| r.harness.limited),
         });
     }
     Ok(out)

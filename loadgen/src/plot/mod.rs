@@ -55,6 +55,15 @@ pub fn plot(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
             })
             .collect()
     };
+    let ringed =
+        |series: &Series, f: &dyn Fn(&Point) -> f64, skip_direct: bool| -> Vec<(f64, f64)> {
+            series
+                .iter()
+                .filter(|(label, _)| !(skip_direct && label.as_str() == Target::Direct.name()))
+                .flat_map(|(_, points)| points.iter().filter(|p| p.limited))
+                .map(|p| (p.conns, f(p)))
+                .collect()
+        };
     let rate_text = rate.map_or("no fixed-rate runs".to_owned(), |r| {
         format!("{r:.0} msg/s offered")
     });
@@ -81,6 +90,7 @@ pub fn plot(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
             log_y: true,
             caption: &caption,
             lines: lines(&any, &|p| p.established, false),
+            limited: ringed(&any, &|p| p.established, false),
             reference: Some(("requested".into(), requested)),
             spectrum: false,
         },
@@ -95,6 +105,7 @@ pub fn plot(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
             log_y: false,
             caption: &caption,
             lines: lines(&closed_series, &|p| p.msgs_per_s, false),
+            limited: ringed(&closed_series, &|p| p.msgs_per_s, false),
             reference: None,
             spectrum: false,
         },
@@ -122,6 +133,7 @@ pub fn plot(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
                 log_y: true,
                 caption: &caption,
                 lines: lines(&open_series, &f, false),
+                limited: ringed(&open_series, &f, false),
                 reference: None,
                 spectrum: false,
             },
@@ -137,6 +149,7 @@ pub fn plot(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
             log_y: true,
             caption: &caption,
             lines: lines(&any, &|p| p.rss_per_session, true),
+            limited: ringed(&any, &|p| p.rss_per_session, true),
             reference: None,
             spectrum: false,
         },
@@ -152,6 +165,7 @@ pub fn plot(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
             log_y: false,
             caption: &caption,
             lines: lines(&open_series, &|p| p.cpu_us_per_msg, true),
+            limited: ringed(&open_series, &|p| p.cpu_us_per_msg, true),
             reference: None,
             spectrum: false,
         },
@@ -195,8 +209,59 @@ pub fn plot(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
             lines: spectrum,
             reference: None,
             spectrum: true,
+            limited: Vec::new(),
         },
     )?);
+
+    // Against the offered rate, at the largest session count measured at several rates.
+    let by_rate_conns = records
+        .iter()
+        .filter(|r| r.config.rate.is_some())
+        .map(|r| r.config.conns)
+        .max();
+    let at_top: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.config.rate.is_some() && Some(r.config.conns) == by_rate_conns)
+        .collect();
+    let rate_series = load::series_over(&at_top, |r| r.config.rate.unwrap_or(0.0))?;
+    let rates = rate_series.values().map(Vec::len).max().unwrap_or(0);
+    if rates > 1 {
+        let sessions = by_rate_conns.unwrap_or(0);
+        for (stem, title, y_label, f, skip_direct, log_y) in [
+            (
+                "7-cpu-vs-rate",
+                format!("Proxy CPU per round trip against the offered rate ({sessions} sessions)"),
+                "proxy CPU µs per round trip",
+                (|p: &Point| p.cpu_us_per_msg) as fn(&Point) -> f64,
+                true,
+                false,
+            ),
+            (
+                "7-p99-vs-rate",
+                format!("p99 round trip against the offered rate ({sessions} sessions)"),
+                "latency, ms (log)",
+                |p: &Point| p.p99 / 1000.0,
+                false,
+                true,
+            ),
+        ] {
+            written.extend(save(
+                &out,
+                stem,
+                &LineChart {
+                    title: &title,
+                    x_label: "messages per second offered (log)",
+                    y_label,
+                    log_y,
+                    caption: &caption,
+                    lines: lines(&rate_series, &f, skip_direct),
+                    limited: ringed(&rate_series, &f, skip_direct),
+                    reference: None,
+                    spectrum: false,
+                },
+            )?);
+        }
+    }
 
     let readme = dir.join("README.md");
     std::fs::write(
