@@ -272,12 +272,11 @@ impl RunArgs {
     }
 
     /// The open-loop pacer's settings, or `None` in closed loop.
-    pub fn pacer_config(&self, conns: usize) -> Option<crate::pacer::PacerConfig> {
+    pub fn pacer_config(&self) -> Option<crate::pacer::PacerConfig> {
         self.rate.map(|rate| crate::pacer::PacerConfig {
             kind: self.pacer,
             arrivals: self.arrivals,
             rate,
-            conns,
             threads: usize::from(self.pacer_threads),
             size: self.size as usize,
             io_timeout: self.io_timeout,

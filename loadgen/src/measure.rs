@@ -70,6 +70,9 @@ pub struct Shared {
     phase_tx: watch::Sender<Phase>,
     /// Sessions whose dial completed.
     pub established: AtomicU64,
+    /// CLOCK_MONOTONIC nanoseconds when the warm-up began: every pacer thread's schedule
+    /// starts here.
+    pub warmup_started_ns: AtomicU64,
     /// Sessions whose dial failed, by cause.
     pub failures: Mutex<BTreeMap<String, u64>>,
     /// Dials finished (established or failed).
@@ -94,6 +97,7 @@ impl Shared {
             phase: AtomicU8::new(Phase::Ramp as u8),
             phase_tx,
             established: AtomicU64::new(0),
+            warmup_started_ns: AtomicU64::new(0),
             failures: Mutex::new(BTreeMap::new()),
             dialed: AtomicU64::new(0),
             messages: AtomicU64::new(0),
@@ -116,6 +120,10 @@ impl Shared {
 
     /// Moves every session to `phase`.
     pub fn set_phase(&self, phase: Phase) {
+        if phase == Phase::Warmup {
+            self.warmup_started_ns
+                .store(crate::pacer::now_ns(), Ordering::Release);
+        }
         self.phase.store(phase as u8, Ordering::Release);
         self.phase_tx.send_replace(phase);
     }

@@ -65,8 +65,6 @@ pub struct PacerConfig {
     pub arrivals: Arrivals,
     /// Messages per second offered, over all threads.
     pub rate: f64,
-    /// Sessions over all threads.
-    pub conns: usize,
     /// Pacer threads.
     pub threads: usize,
     /// Bytes per message.
@@ -85,15 +83,23 @@ pub struct PacerReport {
     pub service: Histogram<u64>,
     /// How late the pacer acted on each scheduled send, µs.
     pub lateness: Histogram<u64>,
-    /// Scheduled sends acted on in the measured window.
+    /// Scheduled sends due in the measured window that the pacer acted on.
     pub dispatched: u64,
+    /// Scheduled sends due in the measured window that the pacer had not reached when the
+    /// window closed (it fell behind its schedule).
+    pub backlog: u64,
+    /// Sends scheduled in the window that never completed: their session broke, or they
+    /// were still owed or out when the drain ended (counted as lost, never as fast).
+    pub unfinished: u64,
+    /// Pacer threads that had sessions.
+    pub active_threads: u64,
     /// Of those, how many more than [`LATE_NS`] late.
     pub late: u64,
     /// Of those, how many waited for the session's previous echo.
     pub queued_behind_echo: u64,
     /// Scheduled sends with no live session left to carry them.
     pub skipped: u64,
-    /// Nanoseconds of the window the pacer slept (waiting for its timer or an echo).
+    /// Nanoseconds of the window the pacer spent blocked in epoll_wait (its timer or an echo).
     pub slept_ns: u64,
     /// Nanoseconds of the window the pacer polled with nothing to do (the spin before a send).
     pub idle_poll_ns: u64,
@@ -106,6 +112,9 @@ impl PacerReport {
             service: histogram(),
             lateness: histogram(),
             dispatched: 0,
+            backlog: 0,
+            unfinished: 0,
+            active_threads: 0,
             late: 0,
             queued_behind_echo: 0,
             skipped: 0,
@@ -120,6 +129,9 @@ impl PacerReport {
         let _ = self.service.add(other.service);
         let _ = self.lateness.add(other.lateness);
         self.dispatched += other.dispatched;
+        self.backlog += other.backlog;
+        self.unfinished += other.unfinished;
+        self.active_threads += other.active_threads;
         self.late += other.late;
         self.queued_behind_echo += other.queued_behind_echo;
         self.skipped += other.skipped;
@@ -139,9 +151,10 @@ pub struct Pacers {
 pub struct Inlet(Arc<Vec<Sender<(usize, TcpStream)>>>);
 
 impl Inlet {
-    /// Hands session `id`'s established connection to its pacer thread.
-    pub fn hand_over(&self, id: usize, stream: TcpStream) {
-        let _ = self.0[id % self.0.len()].send((id, stream));
+    /// Hands session `id`'s established connection to its pacer thread; false if that thread
+    /// is gone (the session is then lost, and the caller must count it).
+    pub fn hand_over(&self, id: usize, stream: TcpStream) -> bool {
+        self.0[id % self.0.len()].send((id, stream)).is_ok()
     }
 }
 
@@ -183,7 +196,7 @@ impl Pacers {
 }
 
 /// CLOCK_MONOTONIC now, in nanoseconds.
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     let t = rustix::time::clock_gettime(ClockId::Monotonic);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
@@ -214,8 +227,9 @@ struct Session {
     stream: TcpStream,
     seq: u64,
     in_flight: Option<InFlight>,
-    /// Scheduled times of sends owed while the previous message was out.
-    owed: VecDeque<u64>,
+    /// Sends owed while the previous message was out: when each was due, and whether it was
+    /// due in the measured window.
+    owed: VecDeque<(u64, bool)>,
     received: Vec<u8>,
     alive: bool,
 }
@@ -228,8 +242,16 @@ struct Schedule {
 }
 
 impl Schedule {
-    fn new(config: &PacerConfig, index: usize, sessions: usize, start: u64) -> Schedule {
-        let rate = config.rate * sessions as f64 / config.conns.max(1) as f64;
+    /// The schedule of thread `index` holding `sessions` of the `total` established, from
+    /// `start` (the same for every thread).
+    fn new(
+        config: &PacerConfig,
+        index: usize,
+        sessions: usize,
+        total: usize,
+        start: u64,
+    ) -> Schedule {
+        let rate = config.rate * sessions as f64 / total.max(1) as f64;
         let gap_ns = 1e9 / rate.max(1e-9);
         // Threads interleave their evenly spaced sends rather than send together.
         let offset = gap_ns * index as f64 / config.threads.max(1) as f64;
@@ -285,6 +307,26 @@ impl Margin {
         self.deviation += ((late - self.mean).abs() - self.deviation) / 16.0;
         self.mean += (late - self.mean) / 16.0;
     }
+
+    /// Forgets a little at every send, so one hiccup cannot keep the pacer polling for the
+    /// rest of the run: a margin that no wake-up refreshes halves in about 69,000 sends, until
+    /// the pacer sleeps (and measures) again.
+    fn relax(&mut self) {
+        self.mean *= 0.99999;
+        self.deviation *= 0.99999;
+    }
+}
+
+/// What one wait saw.
+struct Waited {
+    /// Sockets served.
+    served: usize,
+    /// Whether the timer fired.
+    timer_fired: bool,
+    /// When epoll_wait returned.
+    returned: u64,
+    /// How long it blocked.
+    blocked_ns: u64,
 }
 
 struct Pacer<'a> {
@@ -311,28 +353,33 @@ fn run(
         std::thread::sleep(Duration::from_millis(5));
     }
     waiting.extend(inlet.try_iter());
-    if waiting.is_empty() || shared.phase() == Phase::Stop {
+    if shared.phase() == Phase::Stop {
+        for _ in waiting {
+            Shared::count(&shared.dropped, Cause::Timeout);
+        }
         return PacerReport::new();
     }
-    match Pacer::new(config, shared, waiting) {
+    match Pacer::new(config, shared) {
         Ok(mut pacer) => {
-            pacer.pace(index);
+            for (id, stream) in waiting {
+                pacer.adopt(id, stream);
+            }
+            pacer.pace(index, inlet);
             pacer.drain();
             pacer.report
         }
         Err(err) => {
             eprintln!("loadgen: pacer {index} cannot start: {err}");
+            for _ in waiting.into_iter().chain(inlet.try_iter()) {
+                Shared::count(&shared.dropped, Cause::of(&err));
+            }
             PacerReport::new()
         }
     }
 }
 
 impl<'a> Pacer<'a> {
-    fn new(
-        config: &'a PacerConfig,
-        shared: &'a Shared,
-        streams: Vec<(usize, TcpStream)>,
-    ) -> io::Result<Self> {
+    fn new(config: &'a PacerConfig, shared: &'a Shared) -> io::Result<Self> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let timer = timerfd_create(
             TimerfdClockId::Monotonic,
@@ -344,53 +391,76 @@ impl<'a> Pacer<'a> {
             epoll::EventData::new_u64(TIMER),
             epoll::EventFlags::IN,
         )?;
-        let mut sessions = Vec::with_capacity(streams.len());
-        for (key, (id, stream)) in streams.into_iter().enumerate() {
-            stream.set_nonblocking(true)?;
-            epoll::add(
-                &epoll,
-                &stream,
-                epoll::EventData::new_u64(key as u64),
-                epoll::EventFlags::IN,
-            )?;
-            sessions.push(Session {
-                id,
-                stream,
-                seq: 0,
-                in_flight: None,
-                owed: VecDeque::new(),
-                received: Vec::with_capacity(config.size),
-                alive: true,
-            });
-        }
         Ok(Pacer {
             config,
             shared,
             epoll,
             timer,
-            sessions,
+            sessions: Vec::new(),
             turn: 0,
             expected: vec![0; config.size],
             report: PacerReport::new(),
         })
     }
 
+    /// Takes over an established session; one that cannot be watched is counted as dropped.
+    fn adopt(&mut self, id: usize, stream: TcpStream) {
+        let key = self.sessions.len();
+        let watched = stream.set_nonblocking(true).and_then(|()| {
+            epoll::add(
+                &self.epoll,
+                &stream,
+                epoll::EventData::new_u64(key as u64),
+                epoll::EventFlags::IN,
+            )
+            .map_err(io::Error::from)
+        });
+        if let Err(err) = watched {
+            Shared::count(&self.shared.dropped, Cause::of(&err));
+            return;
+        }
+        self.sessions.push(Session {
+            id,
+            stream,
+            seq: 0,
+            in_flight: None,
+            owed: VecDeque::new(),
+            received: Vec::with_capacity(self.config.size),
+            alive: true,
+        });
+    }
+
     /// Sends on schedule until the stop phase.
-    fn pace(&mut self, index: usize) {
-        let mut schedule = Schedule::new(self.config, index, self.sessions.len(), now_ns());
+    fn pace(&mut self, index: usize, inlet: &Receiver<(usize, TcpStream)>) {
+        if self.sessions.is_empty() {
+            return;
+        }
+        self.report.active_threads = 1;
+        let total = self.shared.established.load(Ordering::Acquire) as usize;
+        let start = self.shared.warmup_started_ns.load(Ordering::Acquire);
+        let mut schedule = Schedule::new(self.config, index, self.sessions.len(), total, start);
         let mut margin = Margin::new();
         let mut events = Vec::with_capacity(256);
         let mut next_sweep = now_ns() + TIMEOUT_SWEEP_NS;
+        let mut was_measuring = false;
         loop {
             let phase = self.shared.phase();
             if phase == Phase::Stop {
+                // Sends due in the window that were never reached: the pacer fell behind.
+                let now = now_ns();
+                while was_measuring && schedule.due() <= now {
+                    self.report.backlog += 1;
+                    schedule.advance();
+                }
                 return;
             }
+            was_measuring = phase == Phase::Measure;
             let now = now_ns();
             let due = schedule.due();
             if now >= due {
                 self.dispatch(due, now, phase);
                 schedule.advance();
+                margin.relax();
                 // Catch up on every send already due before looking at sockets again.
                 continue;
             }
@@ -402,43 +472,55 @@ impl<'a> Pacer<'a> {
             };
             let measured = phase == Phase::Measure;
             if sleep && self.arm(wake_at).is_ok() {
-                let (_, timer_fired) = self.wait(&mut events, None);
-                let woke = now_ns();
-                if timer_fired {
-                    margin.observe(woke.saturating_sub(wake_at));
+                let waited = self.wait(&mut events, None);
+                if waited.timer_fired {
+                    margin.observe(waited.returned.saturating_sub(wake_at));
                 }
                 if measured {
-                    self.report.slept_ns += woke - now;
+                    self.report.slept_ns += waited.blocked_ns;
                 }
             } else {
                 // The last stretch (or no timer): poll, exact but dear.
-                let (served, _) = self.wait(&mut events, Some(Duration::ZERO));
-                if measured && served == 0 {
+                let waited = self.wait(&mut events, Some(Duration::ZERO));
+                if measured && waited.served == 0 {
                     self.report.idle_poll_ns += now_ns() - now;
                 }
             }
             if now >= next_sweep {
                 self.expire_timeouts(now);
+                // A session dialed late (after the warm-up began) joins the rotation.
+                for (id, stream) in inlet.try_iter() {
+                    self.adopt(id, stream);
+                }
                 next_sweep = now + TIMEOUT_SWEEP_NS;
             }
         }
     }
 
-    /// After the stop phase: lets the messages in flight come back (bounded), then ends the
-    /// sessions with a FIN.
+    /// After the stop phase: the sends due in the window that still wait for an echo go out
+    /// and the messages in flight come back, within the drain bound and `--io-timeout`; what
+    /// has not come back then is counted as unfinished. Then the sessions end with a FIN.
     fn drain(&mut self) {
         let deadline = now_ns() + DRAIN_NS;
         let mut events = Vec::with_capacity(256);
         for session in &mut self.sessions {
-            session.owed.clear();
+            session.owed.retain(|&(_, measured)| measured);
         }
-        while now_ns() < deadline
-            && self
+        let busy = |pacer: &Pacer<'_>| {
+            pacer
                 .sessions
                 .iter()
-                .any(|s| s.alive && s.in_flight.is_some())
-        {
+                .any(|s| s.alive && (s.in_flight.is_some() || !s.owed.is_empty()))
+        };
+        while now_ns() < deadline && busy(self) {
             self.wait(&mut events, Some(Duration::from_millis(10)));
+            self.expire_timeouts(now_ns());
+        }
+        for key in 0..self.sessions.len() {
+            let session = &self.sessions[key];
+            if session.alive && (session.in_flight.is_some() || !session.owed.is_empty()) {
+                self.drop_session(key, Cause::Timeout);
+            }
         }
         for session in &self.sessions {
             let _ = session.stream.shutdown(std::net::Shutdown::Write);
@@ -454,16 +536,18 @@ impl<'a> Pacer<'a> {
         Ok(())
     }
 
-    /// Waits for readiness (`None`: until something happens) and serves it; returns how many
-    /// sockets were served and whether the timer fired.
-    fn wait(&mut self, events: &mut Vec<epoll::Event>, timeout: Option<Duration>) -> (usize, bool) {
+    /// Waits for readiness (`None`: until something happens) and serves it.
+    fn wait(&mut self, events: &mut Vec<epoll::Event>, timeout: Option<Duration>) -> Waited {
         events.clear();
         let timeout = timeout.map(|t| timespec(t.as_nanos() as u64));
-        match epoll::wait(
+        let before = now_ns();
+        let result = epoll::wait(
             &self.epoll,
             rustix::buffer::spare_capacity(events),
             timeout.as_ref(),
-        ) {
+        );
+        let returned = now_ns();
+        match result {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(err) => {
                 eprintln!("loadgen: pacer wait failed: {err}");
@@ -491,7 +575,12 @@ impl<'a> Pacer<'a> {
                 self.on_readable(key as usize);
             }
         }
-        (served, timer_fired)
+        Waited {
+            served,
+            timer_fired,
+            returned,
+            blocked_ns: returned - before,
+        }
     }
 
     /// Acts on the send scheduled at `due`: the next live session sends now, or owes it.
@@ -510,12 +599,14 @@ impl<'a> Pacer<'a> {
             .map(|step| (self.turn + step) % count)
             .find(|&key| self.sessions[key].alive)
         else {
-            self.report.skipped += 1;
+            if measured {
+                self.report.skipped += 1;
+            }
             return;
         };
         self.turn = (key + 1) % count;
         if self.sessions[key].in_flight.is_some() {
-            self.sessions[key].owed.push_back(due);
+            self.sessions[key].owed.push_back((due, measured));
             if measured {
                 self.report.queued_behind_echo += 1;
             }
@@ -601,7 +692,8 @@ impl<'a> Pacer<'a> {
             match (&session.stream).read(&mut buf[..want]) {
                 Ok(0) => return self.drop_session(key, Cause::Eof),
                 Ok(_) if session.in_flight.is_none() => {
-                    return self.drop_session(key, Cause::Corrupted)
+                    self.shared.corrupted.fetch_add(1, Ordering::Relaxed);
+                    return self.drop_session(key, Cause::Corrupted);
                 }
                 Ok(n) => session.received.extend_from_slice(&buf[..n]),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
@@ -629,8 +721,11 @@ impl<'a> Pacer<'a> {
         session.seq += 1;
         session.received.clear();
         self.shared.messages_total.fetch_add(1, Ordering::Relaxed);
-        if flight.measured {
+        // Throughput counts what completes in the window; latency, what was due in it.
+        if self.shared.phase() == Phase::Measure {
             self.shared.messages.fetch_add(1, Ordering::Relaxed);
+        }
+        if flight.measured {
             let _ = self
                 .report
                 .rtt
@@ -640,9 +735,8 @@ impl<'a> Pacer<'a> {
                 .service
                 .record(((done - flight.written.min(done)) / 1000).max(1));
         }
-        if let Some(owed) = session.owed.pop_front() {
-            let measured = self.shared.phase() == Phase::Measure;
-            self.send(key, owed, measured);
+        if let Some((due, measured)) = session.owed.pop_front() {
+            self.send(key, due, measured);
         }
     }
 
@@ -666,7 +760,17 @@ impl<'a> Pacer<'a> {
             return;
         }
         session.alive = false;
-        session.in_flight = None;
+        let lost = session
+            .in_flight
+            .take()
+            .filter(|f| f.measured)
+            .map_or(0, |_| 1)
+            + session
+                .owed
+                .iter()
+                .filter(|&&(_, measured)| measured)
+                .count() as u64;
+        self.report.unfinished += lost;
         session.owed.clear();
         let _ = epoll::delete(&self.epoll, session.stream.as_fd());
         Shared::count(&self.shared.dropped, cause);
@@ -701,7 +805,6 @@ mod tests {
             kind: PacerKind::Sleep,
             arrivals,
             rate: 10_000.0,
-            conns: 100,
             threads: 2,
             size: 16,
             io_timeout: Duration::from_secs(1),
@@ -713,8 +816,8 @@ mod tests {
     fn uniform_schedules_are_even_and_threads_interleave() {
         let config = config(Arrivals::Uniform);
         // Thread 0 and 1 hold 50 sessions each: 5,000 msg/s each, 200 µs apart, 100 µs offset.
-        let mut zero = Schedule::new(&config, 0, 50, 1_000_000);
-        let mut one = Schedule::new(&config, 1, 50, 1_000_000);
+        let mut zero = Schedule::new(&config, 0, 50, 100, 1_000_000);
+        let mut one = Schedule::new(&config, 1, 50, 100, 1_000_000);
         assert_eq!(zero.due(), 1_000_000);
         assert_eq!(one.due(), 1_100_000);
         zero.advance();
@@ -727,7 +830,7 @@ mod tests {
     fn poisson_schedules_are_seeded_and_keep_the_mean_rate() {
         let config = config(Arrivals::Poisson);
         let gaps = |seed_thread: usize| {
-            let mut schedule = Schedule::new(&config, seed_thread, 50, 0);
+            let mut schedule = Schedule::new(&config, seed_thread, 50, 100, 0);
             let first = schedule.due();
             for _ in 0..20_000 {
                 schedule.advance();

@@ -375,6 +375,9 @@ pub struct Harness {
     pub offered_rate: Option<f64>,
     /// Open loop: scheduled sends the pacer acted on, per second of the window.
     pub dispatched_rate: Option<f64>,
+    /// Open loop: scheduled sends due in the window that the pacer acted on.
+    #[serde(default)]
+    pub dispatched: u64,
     /// Round trips completed per second of the window.
     pub achieved_rate: f64,
     /// Open loop: sends that waited for their session's previous echo (they still count from
@@ -382,6 +385,17 @@ pub struct Harness {
     pub queued_behind_echo: u64,
     /// Open loop: scheduled sends no live session could carry (sessions were dropped).
     pub skipped: u64,
+    /// Open loop: sends due in the window the pacer never reached (it fell behind).
+    #[serde(default)]
+    pub backlog: u64,
+    /// Open loop: sends due in the window that never completed (session broke, or still
+    /// owed or out when the drain ended); lost, never counted as fast.
+    #[serde(default)]
+    pub unfinished: u64,
+    /// Open loop: set when the point is not at the offered load (achieved more than 1 % short,
+    /// or sends never completed): the system under test, not the instrument, fell behind.
+    #[serde(default)]
+    pub saturated: Option<String>,
     /// How late a thread sleeping 1 ms at a time woke in the window: the host's own hiccups.
     pub control_sleep_late_us: Percentiles,
     /// Open loop: the share of the window the pacer threads slept (timer or echo), per thread.
@@ -395,7 +409,8 @@ pub struct Harness {
     pub loadgen_busy_cores: f64,
     /// Whether the instrument may have shaped the result (see `limited_by`).
     pub limited: bool,
-    /// Why: schedule lateness p99 over 50 µs, a rate off by more than 1 %, loadgen near a core.
+    /// Why: schedule lateness p99 over 50 µs, sends due in the window not reached or a
+    /// uniform schedule off by more than 1 %, loadgen near a core.
     pub limited_by: Vec<String>,
 }
 
@@ -403,9 +418,9 @@ pub struct Harness {
 pub mod limits {
     /// Schedule lateness p99 above this marks a run harness-limited, µs.
     pub const LATENESS_P99_US: u64 = 50;
-    /// Dispatched or achieved rate further than this from the offered rate, as a fraction.
+    /// A schedule (or achieved rate) further than this from the offered one, as a fraction.
     pub const RATE_ERROR: f64 = 0.01;
-    /// loadgen's busy CPU (idle polling excluded) above this, in cores.
+    /// Open loop: loadgen's CPU above this, in cores.
     pub const CORES: f64 = 0.9;
 }
 
@@ -677,6 +692,7 @@ fn harness(
         });
         harness.offered_rate = Some(offered);
         harness.dispatched_rate = Some(per_second(report.dispatched));
+        harness.dispatched = report.dispatched;
         harness.queued_behind_echo = report.queued_behind_echo;
         harness.skipped = report.skipped;
         if lateness.p99 > limits::LATENESS_P99_US {
@@ -686,20 +702,36 @@ fn harness(
                 limits::LATENESS_P99_US
             ));
         }
-        for (what, rate) in [
-            ("dispatched", per_second(report.dispatched)),
-            ("achieved", harness.achieved_rate),
-        ] {
-            let error = rate / offered - 1.0;
-            if error.abs() > limits::RATE_ERROR {
-                harness.limited_by.push(format!(
-                    "{what} {rate:.0} msg/s is {:+.1} % off the offered {offered:.0}",
-                    error * 100.0
-                ));
-            }
+        harness.backlog = report.backlog;
+        harness.unfinished = report.unfinished;
+        // The pacer fell behind its own schedule: sends due in the window it never reached.
+        let due = report.dispatched + report.backlog;
+        if due > 0 && report.backlog as f64 / due as f64 > limits::RATE_ERROR {
+            harness.limited_by.push(format!(
+                "{} of {due} sends due in the window were never reached",
+                report.backlog
+            ));
+        }
+        // Evenly spaced sends must also add up to the offered rate (Poisson counts vary by
+        // chance, so only the backlog above judges them).
+        let dispatched = per_second(report.dispatched);
+        let error = dispatched / offered - 1.0;
+        if args.arrivals == crate::cli::Arrivals::Uniform && error.abs() > limits::RATE_ERROR {
+            harness.limited_by.push(format!(
+                "dispatched {dispatched:.0} msg/s is {:+.1} % off the offered {offered:.0}",
+                error * 100.0
+            ));
+        }
+        // Not the instrument's fault, but the point is not at the offered load: say so.
+        let achieved_error = harness.achieved_rate / offered - 1.0;
+        if achieved_error < -limits::RATE_ERROR || report.unfinished > 0 {
+            harness.saturated = Some(format!(
+                "achieved {:.0} of {offered:.0} msg/s offered; {} sends waited for an echo; {} never completed",
+                harness.achieved_rate, report.queued_behind_echo, report.unfinished
+            ));
         }
         harness.lateness_us = Some(lateness);
-        let threads = f64::from(args.pacer_threads);
+        let threads = report.active_threads.max(1) as f64;
         if window_s > 0.0 {
             harness.pacer_slept_share = Some(report.slept_ns as f64 / 1e9 / window_s / threads);
             let idle_poll_cores = report.idle_poll_ns as f64 / 1e9 / window_s;
@@ -707,18 +739,19 @@ fn harness(
             harness.loadgen_busy_cores = (loadgen_cores - idle_poll_cores).max(0.0);
         }
     }
-    // Open loop: the work of pacing should stay well under a core (polling before a send is
-    // not work: it is how the schedule is kept). Closed loop runs loadgen on every core on
-    // purpose; there it only counts once it takes most of the machine.
+    // Open loop: loadgen near a core takes CPU the proxy under test could have used, even
+    // when most of it is polling to keep the schedule (the reason says how much). Closed loop
+    // runs loadgen on every core on purpose; there it only counts once it takes most of the
+    // machine.
     let cpu_limit = if plan.rate.is_some() {
         limits::CORES
     } else {
         0.8 * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
     };
-    if harness.loadgen_busy_cores > cpu_limit {
+    if harness.loadgen_cores > cpu_limit {
         harness.limited_by.push(format!(
-            "loadgen was busy {:.2} cores",
-            harness.loadgen_busy_cores
+            "loadgen held {:.2} cores ({:.2} of them busy, the rest polling before sends)",
+            harness.loadgen_cores, harness.loadgen_busy_cores
         ));
     }
     harness.limited = !harness.limited_by.is_empty();

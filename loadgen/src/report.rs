@@ -208,11 +208,16 @@ pub fn print_summary(record: &Record) {
             h.late_share.unwrap_or(0.0) * 100.0
         );
         println!(
-            "  rate         offered {offered:.0}, dispatched {:.0}, achieved {:.0} msg/s; {} sends waited for an echo",
+            "  rate         offered {offered:.0}, dispatched {:.0}, achieved {:.0} msg/s; {} sends waited for an echo, {} not reached, {} never completed",
             h.dispatched_rate.unwrap_or(0.0),
             h.achieved_rate,
-            h.queued_behind_echo
+            h.queued_behind_echo,
+            h.backlog,
+            h.unfinished
         );
+        if let Some(saturated) = &h.saturated {
+            println!("  saturated    {saturated}");
+        }
     }
     println!(
         "  host         a 1 ms sleep woke late by p50 {} µs  p99 {} µs  max {} µs",

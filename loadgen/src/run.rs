@@ -76,7 +76,7 @@ pub async fn drive(
     // sample, before and idle included, so it can never read below them.
     let mut peak_tcp = kernel.tcp_mem_before;
 
-    let pacers = match (plan.rate, &args.pacer_config(plan.conns)) {
+    let pacers = match (plan.rate, &args.pacer_config()) {
         (Some(_), Some(config)) => match Pacers::start(config, shared.clone()) {
             Ok(pacers) => Some(pacers),
             Err(err) => {
@@ -198,9 +198,10 @@ pub async fn drive(
             last_messages = total;
         }
         let window = window_start.elapsed();
-        let window_end_usage = tree(&mut probe);
-        let own_end = probe::own_cpu_us();
+        // The window ends for everyone at once: pacers stop counting now.
         shared.set_phase(Phase::Stop);
+        let own_end = probe::own_cpu_us();
+        let window_end_usage = tree(&mut probe);
         proxy_usage.rss_peak = peak_rss.max(window_end_usage.rss_bytes);
         proxy_usage.cpu_window_s = window_end_usage
             .cpu_ms

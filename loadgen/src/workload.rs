@@ -150,14 +150,21 @@ pub async fn session(
     let micros = started.elapsed().as_micros() as u64;
     let _ = lock(&shared.histograms.handshake).record(micros.max(1));
     shared.established.fetch_add(1, Ordering::Relaxed);
-    shared.dialed.fetch_add(1, Ordering::Relaxed);
     if let Some(inlet) = inlet {
         match stream.into_std() {
-            Ok(stream) => inlet.hand_over(id, stream),
+            Ok(stream) => {
+                if !inlet.hand_over(id, stream) {
+                    Shared::count(&shared.dropped, Cause::Reset);
+                }
+            }
             Err(err) => Shared::count(&shared.dropped, Cause::of(&err)),
         }
+        // Counted once handed over, so the warm-up (which waits for every dial) finds it
+        // with its pacer.
+        shared.dialed.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    shared.dialed.fetch_add(1, Ordering::Relaxed);
 
     let mut phases = shared.phases();
     while *phases.borrow_and_update() < Phase::Warmup {

@@ -149,7 +149,19 @@ fn small_runs_are_recorded_consistently(mode: &str) {
                 "{mode} {histogram}: {values:?}"
             );
         }
-        assert_eq!(u(&record, &["latency_us", "rtt", "count"]), count);
+        let timed = u(&record, &["latency_us", "rtt", "count"]);
+        if rate.is_some() {
+            // Open loop times every send due in the window, whenever it completes; throughput
+            // counts what completed in it. Every dispatched send is timed or unfinished.
+            let harness = &record["harness"];
+            assert_eq!(
+                timed + u(harness, &["unfinished"]),
+                u(harness, &["dispatched"]),
+                "{mode}"
+            );
+        } else {
+            assert_eq!(timed, count, "{mode}");
+        }
         if rate.is_some() {
             assert!(record["latency_us"]["service"]["p99"].as_u64().is_some());
         }
@@ -244,10 +256,11 @@ fn faulty_proxy(fault: Fault) -> SocketAddr {
 }
 
 /// The instrument's own accuracy, a property of loadgen, not a speed test of anything: paced
-/// by tokio's 1 ms timer wheel, sends went out up to a millisecond late (p99 ~1 ms); the pacer
-/// threads keep the schedule to tens of microseconds, and the record says so. The bound is
-/// ten times what this machine shows, so a busy CI host cannot trip it; the old pacer could
-/// not meet it.
+/// by tokio's 1 ms timer wheel, sends went out up to a millisecond late, evenly spread (p90
+/// ~900 µs, nearly all more than 50 µs late); the pacer threads keep the bulk of the schedule
+/// within microseconds, and the record says so. The bounds sit far from both (this machine
+/// shows p90 of a few µs and a few % late; its p99 depends on host hiccups, so it is not
+/// asserted), so a busy CI host cannot trip them while the old pacer could not meet them.
 #[test]
 fn the_open_loop_schedule_is_kept_and_recorded() {
     let _machine = whole_machine();
@@ -275,8 +288,13 @@ fn the_open_loop_schedule_is_kept_and_recorded() {
         let harness = &record["harness"];
         assert_eq!(harness["pacer"], "sleep");
         assert_eq!(harness["arrivals"], arrivals);
-        let p99 = u(harness, &["lateness_us", "p99"]);
-        assert!(p99 <= 500, "{arrivals}: schedule lateness p99 {p99} µs");
+        let p90 = u(harness, &["lateness_us", "p90"]);
+        assert!(p90 <= 250, "{arrivals}: schedule lateness p90 {p90} µs");
+        let late = harness["late_share"].as_f64().expect("late share");
+        assert!(
+            late <= 0.25,
+            "{arrivals}: {late} of sends more than 50 µs late"
+        );
         let offered = harness["offered_rate"].as_f64().expect("offered");
         let dispatched = harness["dispatched_rate"].as_f64().expect("dispatched");
         // Poisson gaps make a 1 s window's count vary by a few per cent.
