@@ -25,6 +25,8 @@ pub(super) struct Point {
     pub(super) rtt: Histogram<u64>,
     /// Whether a run of the group was marked harness-limited.
     pub(super) limited: bool,
+    /// Whether a run of the group fell behind the offered rate.
+    pub(super) saturated: bool,
 }
 
 pub(super) fn median(mut values: Vec<f64>) -> f64 {
@@ -105,6 +107,7 @@ pub(super) fn series_over(
             cpu_us_per_msg: collect(&|r| r.proxy.cpu_us_per_message),
             rtt,
             limited: runs.iter().any(|r| r.harness.limited),
+            saturated: runs.iter().any(|r| r.harness.saturated.is_some()),
         });
     }
     Ok(out)

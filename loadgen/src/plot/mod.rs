@@ -266,7 +266,14 @@ pub fn plot(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
     let readme = dir.join("README.md");
     std::fs::write(
         &readme,
-        report(dir, &records, &closed_series, &open_series, rate),
+        report(
+            dir,
+            &records,
+            &closed_series,
+            &open_series,
+            rate,
+            (rates > 1).then(|| (by_rate_conns.unwrap_or(0), &rate_series)),
+        ),
     )?;
     written.push(readme);
     Ok(written)

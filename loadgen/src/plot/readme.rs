@@ -28,13 +28,14 @@ pub(super) fn caption(records: &[Record]) -> String {
     )
 }
 
-pub(super) fn table(series: &Series, with_rate: bool) -> String {
+/// A table of points; `x_name` heads the column of their x (sessions, or offered msg/s).
+pub(super) fn table(series: &Series, with_rate: bool, x_name: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| mode | sessions | established | msgs/s | p50 ms | p99 ms | p99.9 ms | RSS/session | CPU µs/msg | runs |"
+        "| mode | {x_name} | established | msgs/s | p50 ms | p99 ms | p99.9 ms | RSS/session | CPU µs/msg | runs | harness |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for label in ordered(series) {
         for p in &series[label] {
             let rss = if label == Target::Direct.name() {
@@ -49,14 +50,20 @@ pub(super) fn table(series: &Series, with_rate: bool) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {label} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {rss} | {cpu} | {} |",
+                "| {label} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {rss} | {cpu} | {} | {} |",
                 p.conns,
                 p.established,
                 p.msgs_per_s,
                 p.p50 / 1000.0,
                 p.p99 / 1000.0,
                 p.p999 / 1000.0,
-                p.runs
+                p.runs,
+                match (p.limited, p.saturated) {
+                    (true, true) => "limited, saturated",
+                    (true, false) => "limited",
+                    (false, true) => "saturated",
+                    (false, false) => "ok",
+                }
             );
         }
     }
@@ -69,6 +76,7 @@ pub(super) fn report(
     closed: &Series,
     open: &Series,
     rate: Option<f64>,
+    by_rate: Option<(usize, &Series)>,
 ) -> String {
     let mut out = String::new();
     let host = &records[0].host;
@@ -81,7 +89,7 @@ pub(super) fn report(
     let _ = writeln!(
         out,
         "Machine: {} ({} cores), Linux {}, host `{}`. Regenerate the runs with `scripts/c10k.sh` \
-         (about 20 minutes; `--quick` for a smaller matrix) and these charts and tables with \
+         (about 40 minutes; `--quick` for a smaller matrix) and these charts and tables with \
          `./target/release/loadgen plot`.\n",
         host.cpu_model, host.cores, host.kernel, host.hostname
     );
@@ -100,24 +108,35 @@ pub(super) fn report(
             "6-latency-spectrum",
             "Latency spectrum at the largest session count",
         ),
+        ("7-cpu-vs-rate", "CPU per message against the offered rate"),
+        ("7-p99-vs-rate", "p99 against the offered rate"),
     ] {
-        let _ = writeln!(out, "![{text}](charts/{file}.png)\n");
+        if dir.join("charts").join(format!("{file}.png")).exists() {
+            let _ = writeln!(out, "![{text}](charts/{file}.png)\n");
+        }
     }
     let _ = writeln!(out, "## Closed loop (maximum throughput)\n");
-    out.push_str(&table(closed, false));
+    out.push_str(&table(closed, false, "sessions"));
     let _ = writeln!(
         out,
         "\n## Fixed offered rate ({})\n",
         rate.map_or("none recorded".to_owned(), |r| format!("{r:.0} msg/s"))
     );
-    out.push_str(&table(open, true));
+    out.push_str(&table(open, true, "sessions"));
+    if let Some((sessions, by_rate)) = by_rate {
+        let _ = writeln!(out, "\n## Against the offered rate ({sessions} sessions)\n");
+        out.push_str(&table(by_rate, true, "offered msg/s"));
+    }
     let _ = writeln!(
         out,
         "\nMedians over the repeated runs of each point. RSS/session is the proxy's RSS (summed \
          over its processes) holding every session idle, minus its RSS before any session, per \
          established session; kernel socket buffers are not included (see each record's \
          `kernel` section). CPU is the proxy's user+system time in the measured window per \
-         round trip."
+         round trip. Harness: `limited` when a run of the point was marked harness-limited by \
+         loadgen's self-check (schedule lateness p99 over 50 µs, sends unreached, or loadgen \
+         holding most of a core: see the records' `harness.limited_by`), `saturated` when the \
+         system under test fell behind the offered rate."
     );
     if let Ok(benches) = std::fs::read_to_string(dir.join("benchmarks.md")) {
         let _ = writeln!(out, "\n## Benchmarks (criterion)\n\n{}", benches.trim_end());
