@@ -35,7 +35,10 @@ pub(super) fn table(series: &Series, with_rate: bool, x_name: &str) -> String {
         out,
         "| mode | {x_name} | established | msgs/s | p50 ms | p99 ms | p99.9 ms | RSS/session | CPU µs/msg | runs | harness |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
     for label in ordered(series) {
         for p in &series[label] {
             let rss = if label == Target::Direct.name() {
