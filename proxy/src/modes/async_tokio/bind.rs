@@ -23,88 +23,66 @@ pub async fn bind(
     peer: SocketAddr,
     config: &Config,
 ) -> Option<(TcpStream, TcpStream, Vec<u8>)> {
-    let expected: Option<Vec<IpAddr>> = match &request.target {
-        TargetAddr::Ip(addr) if addr.ip().is_unspecified() => None,
-        target => match resolve(target).await {
-            Ok(addrs) => Some(addrs.iter().map(SocketAddr::ip).collect()),
+    let (inbound, from) =
+        match accept_peer(&mut client, &mut handshake, &request, peer, config).await {
+            Ok(Some(accepted)) => accepted,
+            // The client went away after the first reply: nothing left to answer.
+            Ok(None) => return None,
             Err(failure) => {
                 fail(&mut client, &mut handshake, failure, peer, None).await;
                 return None;
             }
-        },
-    };
-    if let Some(ips) = &expected {
-        if !ips.iter().any(|ip| config.acl.dest_allowed(*ip)) {
-            fail(
-                &mut client,
-                &mut handshake,
-                Failure::DeniedByRule,
-                peer,
-                None,
-            )
-            .await;
-            return None;
-        }
-    }
-    let local_ip = client.local_addr().ok()?.ip();
-    let listener = match tcp_listener((local_ip, 0).into()) {
-        Ok(listener) => listener,
-        Err(err) => {
-            fail(
-                &mut client,
-                &mut handshake,
-                connect::failure_of(&err),
-                peer,
-                None,
-            )
-            .await;
-            return None;
-        }
-    };
+        };
     let mut out = Vec::new();
-    handshake.bind_listening(listener.local_addr().ok()?, &mut out);
-    client.write_all(&out).await.ok()?;
-    out.clear();
-    let deadline = Instant::now() + config.connect_timeout;
-    let (inbound, from) = loop {
-        match timeout_at(deadline, accept(&listener)).await {
-            Err(_) => {
-                fail(
-                    &mut client,
-                    &mut handshake,
-                    Failure::ConnectTimeout,
-                    peer,
-                    None,
-                )
-                .await;
-                return None;
-            }
-            Ok(Err(err)) => {
-                fail(
-                    &mut client,
-                    &mut handshake,
-                    connect::failure_of(&err),
-                    peer,
-                    None,
-                )
-                .await;
-                return None;
-            }
-            Ok(Ok((stream, from))) => {
-                let expected_peer = expected.as_ref().is_none_or(|ips| ips.contains(&from.ip()));
-                if expected_peer && config.acl.dest_allowed(from.ip()) {
-                    break (stream, from);
-                }
-                tracing::info!(%peer, %from, "BIND: connection from an unexpected peer closed");
-            }
-        }
-    };
-    drop(listener);
     handshake.request_granted(from, &mut out).ok()?;
     client.write_all(&out).await.ok()?;
     let _ = client.set_nodelay(true);
     let _ = inbound.set_nodelay(true);
     Some((client, inbound, handshake.take_leftover()))
+}
+
+/// Listens, sends the first reply, and waits for the expected peer: `Err` is the failure to
+/// answer with, `Ok(None)` a client that could not be told it was listening.
+async fn accept_peer(
+    client: &mut TcpStream,
+    handshake: &mut Handshake,
+    request: &Request,
+    peer: SocketAddr,
+    config: &Config,
+) -> Result<Option<(TcpStream, SocketAddr)>, Failure> {
+    let expected: Option<Vec<IpAddr>> = match &request.target {
+        TargetAddr::Ip(addr) if addr.ip().is_unspecified() => None,
+        target => Some(resolve(target).await?.iter().map(SocketAddr::ip).collect()),
+    };
+    if let Some(ips) = &expected {
+        if !ips.iter().any(|ip| config.acl.dest_allowed(*ip)) {
+            return Err(Failure::DeniedByRule);
+        }
+    }
+    let Ok(local) = client.local_addr() else {
+        return Ok(None);
+    };
+    let listener = tcp_listener((local.ip(), 0).into()).map_err(|err| connect::failure_of(&err))?;
+    let Ok(listening) = listener.local_addr() else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    handshake.bind_listening(listening, &mut out);
+    if client.write_all(&out).await.is_err() {
+        return Ok(None);
+    }
+    let deadline = Instant::now() + config.connect_timeout;
+    loop {
+        let (stream, from) = timeout_at(deadline, accept(&listener))
+            .await
+            .map_err(|_| Failure::ConnectTimeout)?
+            .map_err(|err| connect::failure_of(&err))?;
+        let expected_peer = expected.as_ref().is_none_or(|ips| ips.contains(&from.ip()));
+        if expected_peer && config.acl.dest_allowed(from.ip()) {
+            return Ok(Some((stream, from)));
+        }
+        tracing::info!(%peer, %from, "BIND: connection from an unexpected peer closed");
+    }
 }
 
 /// A listening socket for BIND, made through the descriptor gate.

@@ -46,14 +46,8 @@ pub async fn udp_associate(
     let relay = match udp_socket((local.ip(), 0).into()) {
         Ok(socket) => socket,
         Err(err) => {
-            fail(
-                &mut client,
-                &mut handshake,
-                connect::failure_of(&err),
-                peer,
-                None,
-            )
-            .await;
+            let failure = connect::failure_of(&err);
+            fail(&mut client, &mut handshake, failure, peer, None).await;
             return;
         }
     };
