@@ -197,8 +197,13 @@ pub struct RunArgs {
 
     /// Open loop: total messages per second offered, dealt to the sessions in turn and sent by
     /// pacer threads on an absolute schedule (--pacer, --arrivals); latency is measured from
-    /// each message's scheduled send time. Default: closed loop.
-    #[arg(long)]
+    /// each message's scheduled send time. A list (`1000,10000,50000`) makes one run, with
+    /// its own stack and record, per rate, in order. Default: closed loop.
+    #[arg(long = "rate", value_name = "RATE[,RATE...]", value_delimiter = ',', value_parser = parse_rate)]
+    pub rates: Vec<f64>,
+
+    /// The offered rate of the run in progress (one of `rates`), `None` in closed loop.
+    #[arg(skip)]
     pub rate: Option<f64>,
 
     /// Open loop: how the pacer waits before each send (the record says which).
@@ -257,7 +262,28 @@ pub struct RunArgs {
     pub json: bool,
 }
 
+/// One offered rate: messages per second, positive and finite.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        Ok(_) => Err(format!(
+            "{text:?} is not a positive number of messages per second"
+        )),
+        Err(_) => Err(format!("{text:?} is not a number of messages per second")),
+    }
+}
+
 impl RunArgs {
+    /// The runs this invocation makes: each offered rate of `--rate` in order, or one closed-loop
+    /// run.
+    pub fn each_run(&self) -> Vec<Option<f64>> {
+        if self.rates.is_empty() {
+            vec![None]
+        } else {
+            self.rates.iter().copied().map(Some).collect()
+        }
+    }
+
     /// No progress bar or status lines.
     pub fn is_quiet(&self) -> bool {
         self.quiet || self.json
@@ -312,5 +338,24 @@ mod tests {
         assert!(Target::from_str("nonsense", false).is_err());
         let args = Args::try_parse_from(["loadgen", "--mode", "epoll-et"]).expect("parses");
         assert_eq!(args.run.mode, Target::Proxy(Mode::EpollEt));
+    }
+
+    #[test]
+    fn rate_takes_a_list_and_refuses_what_is_not_a_rate() {
+        let closed = Args::try_parse_from(["loadgen"]).expect("parses");
+        assert_eq!(closed.run.each_run(), vec![None]);
+        let one = Args::try_parse_from(["loadgen", "--rate", "2500"]).expect("parses");
+        assert_eq!(one.run.each_run(), vec![Some(2500.0)]);
+        let list = Args::try_parse_from(["loadgen", "--rate", "1000,10000,50000"]).expect("parses");
+        assert_eq!(
+            list.run.each_run(),
+            vec![Some(1000.0), Some(10000.0), Some(50000.0)]
+        );
+        for bad in ["0", "-5", "ten", "1000,,2000", "inf", "NaN"] {
+            assert!(
+                Args::try_parse_from(["loadgen", "--rate", bad]).is_err(),
+                "--rate {bad} was accepted"
+            );
+        }
     }
 }

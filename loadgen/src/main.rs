@@ -54,21 +54,44 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        None => match measure_run(args.run) {
-            Ok(code) => code,
-            Err(err) => {
-                eprintln!("loadgen: {err:#}");
-                ExitCode::from(2)
-            }
-        },
+        None => measure_each_rate(args.run),
     }
 }
 
+/// One measured run per offered rate of `--rate` (or one closed-loop run). Stops at the first
+/// run that could not run or was interrupted; a run that ran but failed is reported and the
+/// next rate still runs, and the exit code says the worst that happened.
+fn measure_each_rate(mut args: RunArgs) -> ExitCode {
+    let runs = args.each_run();
+    let mut worst = ExitCode::SUCCESS;
+    for (index, rate) in runs.iter().enumerate() {
+        args.rate = *rate;
+        if runs.len() > 1 && !args.is_quiet() {
+            eprintln!(
+                "loadgen: run {} of {}: {} msg/s",
+                index + 1,
+                runs.len(),
+                rate.unwrap_or_default()
+            );
+        }
+        match measure_run(&args) {
+            Ok(code) if code == ExitCode::SUCCESS => {}
+            Ok(code) if code == ExitCode::from(130) => return code,
+            Ok(code) => worst = code,
+            Err(err) => {
+                eprintln!("loadgen: {err:#}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    worst
+}
+
 /// One measured run: 0 when it succeeded, 1 when it ran but failed, 130 when interrupted.
-fn measure_run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let resources = stack::plan(&args)?;
+fn measure_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let resources = stack::plan(args)?;
     let auth = args.credentials()?;
-    let mut stack = stack::Stack::start(&args, &resources)?;
+    let mut stack = stack::Stack::start(args, &resources)?;
     if !args.is_quiet() {
         eprintln!(
             "loadgen: {}: {} sessions, echo pid {}{}",
@@ -95,8 +118,7 @@ fn measure_run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let (started_at, stamp) = record::utc_now();
-    let Ok(mut measured) = runtime.block_on(run::drive(&args, plan.clone(), stack.proxy_pid))
-    else {
+    let Ok(mut measured) = runtime.block_on(run::drive(args, plan.clone(), stack.proxy_pid)) else {
         eprintln!("loadgen: interrupted; stopping the echo target and the proxy");
         drop(stack);
         return Ok(ExitCode::from(130));
@@ -105,7 +127,7 @@ fn measure_run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let label = stack.label.clone();
     // Stop the proxy and the echo target before writing anything (no orphans on any path).
     stack.stop();
-    let record = record::assemble(&args, &plan, &resources, &label, started_at, measured)?;
+    let record = record::assemble(args, &plan, &resources, &label, started_at, measured)?;
 
     if !args.no_record {
         let path = record::write(&args.results, &stamp, &record)?;

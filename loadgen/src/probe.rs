@@ -97,3 +97,89 @@ pub fn kernel_tcp() -> (u64, u64) {
     }
     (0, 0)
 }
+
+/// The whole machine's CPU time so far, from the `cpu` line of /proc/stat, in clock ticks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostCpu {
+    /// Every state summed (user, nice, system, idle, iowait, irq, softirq, steal).
+    total: u64,
+    /// Idle and waiting for I/O.
+    idle: u64,
+    /// Time the hypervisor ran something else while this VM wanted a CPU.
+    steal: u64,
+}
+
+/// The machine's CPU over an interval: how busy it was and how much the host took away.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostCpuShare {
+    /// The share of all CPU time that was stolen by the hypervisor (0 on bare metal).
+    pub steal_share: f64,
+    /// Cores busy on average (everything but idle, I/O wait and steal).
+    pub busy_cores: f64,
+}
+
+/// The machine's CPU counters now (all zero where /proc/stat cannot be read).
+pub fn host_cpu() -> HostCpu {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    HostCpu::parse(&text)
+}
+
+impl HostCpu {
+    /// Reads the aggregate `cpu ` line of /proc/stat's text.
+    fn parse(text: &str) -> HostCpu {
+        let Some(line) = text.lines().find(|line| line.starts_with("cpu ")) else {
+            return HostCpu::default();
+        };
+        // user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|field| field.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+        HostCpu {
+            total: ticks.iter().sum(),
+            idle: at(3) + at(4),
+            steal: at(7),
+        }
+    }
+
+    /// What happened between `start` and `self`, over a window of `window_s` seconds.
+    pub fn since(self, start: HostCpu, window_s: f64) -> HostCpuShare {
+        let total = self.total.saturating_sub(start.total);
+        if total == 0 || window_s <= 0.0 {
+            return HostCpuShare::default();
+        }
+        let steal = self.steal.saturating_sub(start.steal);
+        let idle = self.idle.saturating_sub(start.idle);
+        let ticks_per_second = rustix::param::clock_ticks_per_second() as f64;
+        HostCpuShare {
+            steal_share: steal as f64 / total as f64,
+            busy_cores: total.saturating_sub(idle + steal) as f64 / ticks_per_second / window_s,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_cpu_reads_the_aggregate_line_and_shares_the_interval() {
+        let before = HostCpu::parse(
+            "cpu  100 0 50 800 10 0 20 20 0 0\ncpu0 50 0 25 400 5 0 10 10 0 0\nintr 1 2\n",
+        );
+        assert_eq!((before.total, before.idle, before.steal), (1000, 810, 20));
+        let after = HostCpu::parse("cpu  200 0 100 1500 10 0 40 50 0 0\n");
+        let share = after.since(before, 1.0);
+        // 900 ticks passed: 30 stolen, 700 idle, 170 busy.
+        assert!((share.steal_share - 30.0 / 900.0).abs() < 1e-9);
+        let hz = rustix::param::clock_ticks_per_second() as f64;
+        assert!((share.busy_cores - 170.0 / hz).abs() < 1e-9);
+        assert_eq!(
+            HostCpu::parse("nothing here").since(before, 1.0),
+            HostCpuShare::default()
+        );
+    }
+}

@@ -398,6 +398,14 @@ pub struct Harness {
     pub saturated: Option<String>,
     /// How late a thread sleeping 1 ms at a time woke in the window: the host's own hiccups.
     pub control_sleep_late_us: Percentiles,
+    /// The share of the machine's CPU time in the window that the hypervisor gave to someone
+    /// else (steal, from /proc/stat): a VM's stalls that no pacer can prevent.
+    #[serde(default)]
+    pub host_steal_share: f64,
+    /// The whole machine's busy cores in the window (loadgen, the proxy, the echo target and
+    /// anything else running).
+    #[serde(default)]
+    pub host_busy_cores: f64,
     /// Open loop: the share of the window the pacer threads slept (timer or echo), per thread.
     pub pacer_slept_share: Option<f64>,
     /// Open loop: the share of the window the pacer threads polled with nothing to do (the
@@ -678,6 +686,8 @@ fn harness(
         control_sleep_late_us: Percentiles::of(&measured.control),
         loadgen_cores,
         loadgen_busy_cores: loadgen_cores,
+        host_steal_share: measured.host.steal_share,
+        host_busy_cores: measured.host.busy_cores,
         ..Harness::default()
     };
     if let (Some(offered), Some(report)) = (plan.rate, &measured.pacer) {
@@ -696,10 +706,14 @@ fn harness(
         harness.queued_behind_echo = report.queued_behind_echo;
         harness.skipped = report.skipped;
         if lateness.p99 > limits::LATENESS_P99_US {
+            // Say what the host did meanwhile: a stolen CPU or a late control sleeper is a
+            // stall no pacer could have avoided.
             harness.limited_by.push(format!(
-                "schedule lateness p99 {} µs > {} µs",
+                "schedule lateness p99 {} µs > {} µs (host: {:.1} % of CPU stolen, control sleeper up to {} µs late)",
                 lateness.p99,
-                limits::LATENESS_P99_US
+                limits::LATENESS_P99_US,
+                measured.host.steal_share * 100.0,
+                harness.control_sleep_late_us.max
             ));
         }
         harness.backlog = report.backlog;

@@ -220,8 +220,12 @@ pub fn print_summary(record: &Record) {
         }
     }
     println!(
-        "  host         a 1 ms sleep woke late by p50 {} µs  p99 {} µs  max {} µs",
-        h.control_sleep_late_us.p50, h.control_sleep_late_us.p99, h.control_sleep_late_us.max
+        "  host         a 1 ms sleep woke late by p50 {} µs  p99 {} µs  max {} µs; {:.2} cores busy, {:.1} % of CPU stolen by the hypervisor",
+        h.control_sleep_late_us.p50,
+        h.control_sleep_late_us.p99,
+        h.control_sleep_late_us.max,
+        h.host_busy_cores,
+        h.host_steal_share * 100.0
     );
     if let (Some(slept), Some(polled)) = (h.pacer_slept_share, h.pacer_idle_poll_share) {
         println!(

@@ -38,6 +38,8 @@ pub struct Measured {
     pub pacer: Option<PacerReport>,
     /// How late a thread sleeping 1 ms at a time woke in the window (host hiccups), µs.
     pub control: Histogram<u64>,
+    /// The whole machine's CPU in the window, and what the hypervisor took.
+    pub host: probe::HostCpuShare,
 }
 
 async fn interrupted() {
@@ -159,6 +161,7 @@ pub async fn drive(
         tokio::time::sleep(args.warmup).await;
         let window_start_usage = tree(&mut probe);
         let own_start = probe::own_cpu_us();
+        let host_start = probe::host_cpu();
         shared.set_phase(Phase::Measure);
         let window_start = tokio::time::Instant::now();
         let mut peak_rss = window_start_usage.rss_bytes;
@@ -201,6 +204,7 @@ pub async fn drive(
         // The window ends for everyone at once: pacers stop counting now.
         shared.set_phase(Phase::Stop);
         let own_end = probe::own_cpu_us();
+        let host = probe::host_cpu().since(host_start, window.as_secs_f64());
         let window_end_usage = tree(&mut probe);
         proxy_usage.rss_peak = peak_rss.max(window_end_usage.rss_bytes);
         proxy_usage.cpu_window_s = window_end_usage
@@ -216,7 +220,7 @@ pub async fn drive(
         if drained.is_err() {
             sessions.abort_all();
         }
-        (window, own_end.saturating_sub(own_start) as f64 / 1e6)
+        (window, own_end.saturating_sub(own_start) as f64 / 1e6, host)
     };
     let finished = tokio::select! {
         result = run => Some(result),
@@ -235,7 +239,7 @@ pub async fn drive(
         .ok()
         .and_then(Result::ok)
         .unwrap_or_else(histogram);
-    let Some((window, loadgen_cpu_s)) = finished else {
+    let Some((window, loadgen_cpu_s, host)) = finished else {
         return Err(Interrupted);
     };
     kernel.tcp_mem_peak = peak_tcp;
@@ -252,5 +256,6 @@ pub async fn drive(
         proxy_died: None,
         pacer,
         control,
+        host,
     })
 }
