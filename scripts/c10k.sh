@@ -4,25 +4,31 @@
 # repeated; at the largest session count also a sweep of the offered rate; then the charts
 # and results/README.md. Loopback only; every run is bounded by loadgen's own limits.
 #
-#   scripts/c10k.sh            full matrix (about 40 minutes on 2 cores)
+#   scripts/c10k.sh            full matrix (about 70 minutes on 2 cores with the peers)
 #   scripts/c10k.sh --quick    smaller matrix (a few minutes)
 #
-# Options: --repeat N (default 2), --results DIR (default results), --no-external
-# External servers (microsocks, Dante's sockd) are measured too when installed.
+# Options: --repeat N (default 2), --results DIR (default results), --conns "100 1000 ..."
+# (session counts), --no-peers (only our modes), --no-rate-sweep (skip the other offered rates).
+# The servers people run instead (fast-socks5, microsocks, Dante: scripts/peers.sh) are measured
+# in the same sweep when installed; a missing one is skipped with one line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 quick=0
 repeat=2
 results=results
-external=1
+peers=1
+rate_sweep=1
+conns_arg=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) quick=1 ;;
         --repeat) repeat="$2"; shift ;;
         --results) results="$2"; shift ;;
-        --no-external) external=0 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        --conns) conns_arg="$2"; shift ;;
+        --no-peers|--no-external) peers=0 ;;
+        --no-rate-sweep) rate_sweep=0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "c10k.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -41,6 +47,12 @@ else
     rate=10000
     other_rates=(2000 30000)
 fi
+if [[ -n $conns_arg ]]; then
+    read -ra conns_list <<<"$conns_arg"
+fi
+if [[ $rate_sweep == 0 ]]; then
+    other_rates=()
+fi
 tag="c10k-$(date -u +%Y%m%dT%H%M%SZ)"
 
 cargo build --release --workspace --quiet
@@ -48,13 +60,15 @@ loadgen=./target/release/loadgen
 # `direct`, then every proxy mode, as loadgen knows them.
 mapfile -t modes < <("$loadgen" modes)
 
-# Optional external servers: name, command to start (listening on 127.0.0.1:PORT).
-externals=()
-if [[ $external == 1 ]] && command -v microsocks >/dev/null 2>&1; then
-    externals+=(microsocks)
+# The peers: the servers people actually run, started fresh for every run by scripts/peers.sh.
+peer_names=()
+if [[ $peers == 1 ]]; then
+    mapfile -t peer_names < <(scripts/peers.sh list)
 fi
+peer_dir=$(mktemp -d)
+trap 'for name in "${peer_names[@]}"; do scripts/peers.sh stop "$name" "$peer_dir"; done; rm -rf "$peer_dir"' EXIT
 
-total=$(( ((${#modes[@]} + ${#externals[@]}) * ${#conns_list[@]} * 2 + ${#modes[@]} * ${#other_rates[@]}) * repeat ))
+total=$(( ((${#modes[@]} + ${#peer_names[@]}) * ${#conns_list[@]} * 2 + ${#modes[@]} * ${#other_rates[@]}) * repeat ))
 point=0
 failures=0
 run() {
@@ -72,17 +86,22 @@ for ((r = 1; r <= repeat; r++)); do
             run --conns "$conns" --mode "$mode"
             run --conns "$conns" --mode "$mode" --rate "$rate"
         done
-        for name in "${externals[@]}"; do
-            port=$((20000 + RANDOM % 10000))
-            case "$name" in
-                microsocks) microsocks -i 127.0.0.1 -p "$port" >/dev/null 2>&1 & ;;
-            esac
-            pid=$!
-            sleep 0.5
-            run --conns "$conns" --proxy "127.0.0.1:$port" --proxy-pid "$pid" --label "$name"
-            run --conns "$conns" --proxy "127.0.0.1:$port" --proxy-pid "$pid" --label "$name" --rate "$rate"
-            kill "$pid" 2>/dev/null || true
-            wait "$pid" 2>/dev/null || true
+        for name in "${peer_names[@]}"; do
+            for workload in closed open; do
+                extra=()
+                [[ $workload == open ]] && extra=(--rate "$rate")
+                if ! scripts/peers.sh start "$name" "$peer_dir"; then
+                    point=$((point + 1))
+                    failures=$((failures + 1))
+                    echo "[$point/$total] $name did not start; skipped" >&2
+                    continue
+                fi
+                run --conns "$conns" --proxy "$(cat "$peer_dir/$name.addr")" \
+                    --proxy-pid "$(cat "$peer_dir/$name.pid")" --label "$name" \
+                    --proxy-version "$(cat "$peer_dir/$name.version")" \
+                    --proxy-started-with "$(cat "$peer_dir/$name.command")" "${extra[@]}"
+                scripts/peers.sh stop "$name" "$peer_dir"
+            done
         done
     done
     # CPU per message and latency against the offered rate, at the largest session count.

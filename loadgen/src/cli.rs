@@ -159,6 +159,14 @@ pub struct RunArgs {
     #[arg(long)]
     pub label: Option<String>,
 
+    /// What the external server is (name and version), kept in the record.
+    #[arg(long, requires = "proxy", value_name = "TEXT")]
+    pub proxy_version: Option<String>,
+
+    /// How the external server was started (its command line and limits), kept in the record.
+    #[arg(long, requires = "proxy", value_name = "TEXT")]
+    pub proxy_started_with: Option<String>,
+
     /// Proxy worker processes [default: as many as the descriptor limit requires].
     #[arg(long)]
     pub workers: Option<u16>,

@@ -225,6 +225,20 @@ pub struct RunConfig {
     /// loadgen's own runtime threads.
     #[serde(default)]
     pub loadgen_threads: usize,
+    /// The external server measured (`--proxy`), as its starter described it.
+    #[serde(default)]
+    pub external: Option<ExternalServer>,
+}
+
+/// An external SOCKS5 server's identity, as given on the command line.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExternalServer {
+    /// Name and version (`--proxy-version`).
+    pub version: Option<String>,
+    /// How it was started (`--proxy-started-with`).
+    pub started_with: Option<String>,
+    /// Its PID (`--proxy-pid`), whose process tree was measured.
+    pub pid: Option<u32>,
 }
 
 /// Percentiles of a latency histogram, microseconds.
@@ -623,6 +637,11 @@ pub fn assemble(
             command: std::env::args().collect(),
             tag: args.tag.clone(),
             loadgen_threads: args.runtime_threads(),
+            external: args.proxy.map(|_| ExternalServer {
+                version: args.proxy_version.clone(),
+                started_with: args.proxy_started_with.clone(),
+                pid: args.proxy_pid,
+            }),
         },
         sessions: Sessions {
             requested: plan.conns,

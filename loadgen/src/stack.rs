@@ -261,9 +261,18 @@ impl Stack {
         Ok(stack)
     }
 
-    /// How the proxy loadgen started has exited, if it has.
+    /// How the proxy has exited, if it has: loadgen's own child by its status, an external
+    /// server (`--proxy-pid`) by its PID being gone.
     pub fn proxy_exited(&mut self) -> Option<String> {
-        self.proxy.as_mut().and_then(ChildProcess::exited)
+        if let Some(proxy) = self.proxy.as_mut() {
+            return proxy.exited();
+        }
+        let pid = self.proxy_pid?;
+        // Gone, or a zombie its starter has not reaped yet (state Z after the command name).
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+        matches!(state, None | Some('Z' | 'X'))
+            .then(|| format!("external server (pid {pid}) is gone"))
     }
 
     /// Stops the proxy (letting it drain), then the echo target.
