@@ -8,17 +8,24 @@
 #   scripts/c10k.sh --quick    smaller matrix (a few minutes)
 #
 # Options: --repeat N (default 2), --results DIR (default results), --conns "100 1000 ..."
-# (session counts), --no-peers (only our modes), --no-rate-sweep (skip the other offered rates).
+# (session counts), --no-peers (only our modes), --no-rate-sweep (skip the other offered rates),
+# --allow-dirty (run from a work tree with uncommitted changes; the records then say "-dirty").
+# A published sweep must be reproducible from a commit, so a dirty tree is refused by default.
+# When it ends, results/sweeps/<tag>.json says the sweep finished: `loadgen plot` draws the
+# latest finished sweep, and nothing else, by default.
 # The servers people run instead (fast-socks5, microsocks, Dante: scripts/peers.sh) are measured
 # in the same sweep when installed; a missing one is skipped with one line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+args_text=""
+for arg in "$@"; do args_text+=" $arg"; done
 quick=0
 repeat=2
 results=results
 peers=1
 rate_sweep=1
+allow_dirty=0
 conns_arg=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -28,7 +35,8 @@ while [[ $# -gt 0 ]]; do
         --conns) conns_arg="$2"; shift ;;
         --no-peers|--no-external) peers=0 ;;
         --no-rate-sweep) rate_sweep=0 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --allow-dirty) allow_dirty=1 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "c10k.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -53,7 +61,12 @@ fi
 if [[ $rate_sweep == 0 ]]; then
     other_rates=()
 fi
+if [[ $allow_dirty == 0 ]] && [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]; then
+    echo "c10k.sh: the work tree has uncommitted changes; commit them (a published sweep must be reproducible from a commit) or pass --allow-dirty" >&2
+    exit 2
+fi
 tag="c10k-$(date -u +%Y%m%dT%H%M%SZ)"
+started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
 cargo build --release --workspace --quiet
 loadgen=./target/release/loadgen
@@ -114,4 +127,18 @@ for ((r = 1; r <= repeat; r++)); do
 done
 
 echo "sweep $tag: $point runs, $failures reported failures" >&2
+revision=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+[[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]] && revision="$revision-dirty"
+mkdir -p "$results/sweeps"
+cat >"$results/sweeps/$tag.json" <<EOF
+{
+  "tag": "$tag",
+  "revision": "$revision",
+  "runs": $point,
+  "failures": $failures,
+  "started_at": "$started_at",
+  "finished_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
+  "command": "scripts/c10k.sh${args_text}"
+}
+EOF
 "$loadgen" plot --results "$results" --tag "$tag"

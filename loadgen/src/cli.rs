@@ -50,9 +50,14 @@ pub enum Sub {
         /// Directory holding runs/ (charts/ and README.md are written there).
         #[arg(long, default_value = "results")]
         results: PathBuf,
-        /// Only records of this sweep (`--tag` of the runs) [default: every record].
+        /// The sweep to draw (`--tag` of its runs) [default: the latest finished sweep, as
+        /// recorded in results/sweeps/ by scripts/c10k.sh]. Records of other sweeps and
+        /// ad-hoc runs never enter its medians.
         #[arg(long)]
         tag: Option<String>,
+        /// Write nothing; fail if README.md or the charts differ from what the records produce.
+        #[arg(long)]
+        check: bool,
     },
 }
 

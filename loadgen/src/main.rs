@@ -42,7 +42,11 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Some(Sub::Plot { results, tag }) => match plot::plot(&results, tag.as_deref()) {
+        Some(Sub::Plot {
+            results,
+            tag,
+            check: false,
+        }) => match plot::plot(&results, tag.as_deref()) {
             Ok(files) => {
                 for file in files {
                     println!("{}", file.display());
@@ -52,6 +56,23 @@ fn main() -> ExitCode {
             Err(err) => {
                 eprintln!("loadgen plot: {err:#}");
                 ExitCode::from(2)
+            }
+        },
+        Some(Sub::Plot {
+            results,
+            tag,
+            check: true,
+        }) => match plot::check(&results, tag.as_deref()) {
+            Ok(()) => {
+                println!(
+                    "{}: README.md and charts match the records",
+                    results.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("loadgen plot --check: {err:#}");
+                ExitCode::from(1)
             }
         },
         None => measure_each_rate(args.run),
@@ -135,6 +156,11 @@ fn measure_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         report::append_summary(&args.results, &record, &path)?;
         if !args.is_quiet() {
             eprintln!("loadgen: record written to {}", path.display());
+            if args.tag.is_none() {
+                eprintln!(
+                    "loadgen: an ad-hoc run (no --tag): `loadgen plot` draws one tagged sweep, so this record is not part of the published comparison"
+                );
+            }
         }
     }
     if args.json {

@@ -270,7 +270,9 @@ impl Stack {
         let pid = self.proxy_pid?;
         // Gone, or a zombie its starter has not reaped yet (state Z after the command name).
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
         matches!(state, None | Some('Z' | 'X'))
             .then(|| format!("external server (pid {pid}) is gone"))
     }

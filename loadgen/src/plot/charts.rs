@@ -7,7 +7,6 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::load::order_of;
-use crate::cli::Target;
 
 /// Okabe–Ito, a palette that colour-blind readers can tell apart.
 pub(super) const PALETTE: [RGBColor; 8] = [
@@ -23,10 +22,57 @@ pub(super) const PALETTE: [RGBColor; 8] = [
 pub(super) const SIZE: (u32, u32) = (1100, 700);
 pub(super) const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
-/// The colour and marker of a label: fixed per mode, so a mode looks the same on every chart.
-pub(super) fn style_of(label: &str, index: usize) -> (RGBColor, usize) {
-    let slot = order_of(label).unwrap_or(Target::ALL.len() + index);
-    (PALETTE[slot % PALETTE.len()], slot)
+/// Colours of the other servers (peers): darker tones, none of them in `PALETTE`.
+const PEER_PALETTE: [RGBColor; 4] = [
+    RGBColor(140, 80, 30),
+    RGBColor(110, 60, 150),
+    RGBColor(120, 120, 120),
+    RGBColor(30, 100, 60),
+];
+
+/// The peers scripts/peers.sh runs, in the order of their fixed colours.
+pub(super) const KNOWN_PEERS: [&str; 3] = ["fast-socks5", "microsocks", "dante"];
+
+/// How a label is drawn, the same on every chart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Style {
+    pub(super) color: RGBColor,
+    /// Which marker shape (0–3).
+    pub(super) shape: usize,
+    /// Another server, not ours: dashed line, hollow marker, "other server" in the legend.
+    pub(super) peer: bool,
+}
+
+/// The style of a label: fixed per mode and per peer name (an unknown external label gets a
+/// peer colour from its name), so a label looks the same on every chart.
+pub(super) fn style_of(label: &str) -> Style {
+    if let Some(slot) = order_of(label) {
+        return Style {
+            color: PALETTE[slot % PALETTE.len()],
+            shape: slot % 4,
+            peer: false,
+        };
+    }
+    let slot = KNOWN_PEERS
+        .iter()
+        .position(|peer| *peer == label)
+        .unwrap_or_else(|| {
+            KNOWN_PEERS.len() + label.bytes().map(usize::from).sum::<usize>() % PEER_PALETTE.len()
+        });
+    Style {
+        color: PEER_PALETTE[slot % PEER_PALETTE.len()],
+        shape: slot % 4,
+        peer: true,
+    }
+}
+
+/// A label as the legend shows it: peers are marked as other servers.
+pub(super) fn legend_text(label: &str) -> String {
+    if style_of(label).peer {
+        format!("{label} (other server)")
+    } else {
+        label.to_owned()
+    }
 }
 
 /// What a line chart shows.
@@ -207,44 +253,29 @@ where
         .label(name.as_str())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], gray.stroke_width(2)));
     }
-    for (index, (label, points)) in chart.lines.iter().enumerate() {
-        let (color, shape) = style_of(label, index);
-        ctx.draw_series(LineSeries::new(
-            points.iter().copied(),
-            color.stroke_width(2),
-        ))
-        .map_err(|e| err(&e))?
-        .label(label.as_str())
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+    for (label, points) in &chart.lines {
+        let style = style_of(label);
+        let color = style.color;
+        let line = color.stroke_width(2);
+        let drawn = if style.peer {
+            ctx.draw_series(DashedLineSeries::new(points.iter().copied(), 9, 5, line))
+        } else {
+            ctx.draw_series(LineSeries::new(points.iter().copied(), line))
+        };
+        let peer = style.peer;
+        drawn
+            .map_err(|e| err(&e))?
+            .label(legend_text(label))
+            .legend(move |(x, y)| {
+                // A peer's legend line is two dashes, like its line; ours is one stroke.
+                let (end, restart) = if peer { (8, 12) } else { (20, 20) };
+                let stroke = color.stroke_width(3);
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (end, 0)], stroke)
+                    + PathElement::new(vec![(restart, 0), (20, 0)], stroke)
+            });
         if !chart.spectrum {
-            let points = points.iter().copied();
-            let filled = color.filled();
-            let drawn = match shape % 4 {
-                0 => ctx
-                    .draw_series(
-                        points.map(|p| EmptyElement::at(p) + Circle::new((0, 0), 5, filled)),
-                    )
-                    .map(|_| ()),
-                1 => ctx
-                    .draw_series(
-                        points
-                            .map(|p| EmptyElement::at(p) + TriangleMarker::new((0, 0), 6, filled)),
-                    )
-                    .map(|_| ()),
-                2 => ctx
-                    .draw_series(
-                        points.map(|p| {
-                            EmptyElement::at(p) + Rectangle::new([(-4, -4), (4, 4)], filled)
-                        }),
-                    )
-                    .map(|_| ()),
-                _ => ctx
-                    .draw_series(points.map(|p| {
-                        EmptyElement::at(p) + Cross::new((0, 0), 5, color.stroke_width(2))
-                    }))
-                    .map(|_| ()),
-            };
-            drawn.map_err(|e| err(&e))?;
+            draw_markers(&mut ctx, points, style).map_err(|e| err(&e))?;
         }
     }
     if !chart.limited.is_empty() {
@@ -269,6 +300,47 @@ where
     Ok(())
 }
 
+/// A label's markers at its points: filled for our modes, hollow for peers.
+fn draw_markers<'a, DB, X, Y>(
+    ctx: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    points: &[(f64, f64)],
+    style: Style,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    DB: DrawingBackend + 'a,
+    X: plotters::coord::ranged1d::Ranged<ValueType = f64>,
+    Y: plotters::coord::ranged1d::Ranged<ValueType = f64>,
+{
+    let paint: ShapeStyle = if style.peer {
+        style.color.stroke_width(2)
+    } else {
+        style.color.filled()
+    };
+    let points = points.iter().copied();
+    match style.shape {
+        0 => ctx
+            .draw_series(points.map(|p| EmptyElement::at(p) + Circle::new((0, 0), 5, paint)))
+            .map(|_| ()),
+        1 => ctx
+            .draw_series(
+                points.map(|p| EmptyElement::at(p) + TriangleMarker::new((0, 0), 6, paint)),
+            )
+            .map(|_| ()),
+        2 => ctx
+            .draw_series(
+                points.map(|p| EmptyElement::at(p) + Rectangle::new([(-4, -4), (4, 4)], paint)),
+            )
+            .map(|_| ()),
+        _ => ctx
+            .draw_series(
+                points.map(|p| {
+                    EmptyElement::at(p) + Cross::new((0, 0), 5, style.color.stroke_width(2))
+                }),
+            )
+            .map(|_| ()),
+    }
+}
+
 /// Draws `chart` as `<stem>.svg` and `<stem>.png`.
 pub(super) fn save(out: &Path, stem: &str, chart: &LineChart<'_>) -> anyhow::Result<Vec<PathBuf>> {
     let svg = out.join(format!("{stem}.svg"));
@@ -276,4 +348,150 @@ pub(super) fn save(out: &Path, stem: &str, chart: &LineChart<'_>) -> anyhow::Res
     draw_chart(SVGBackend::new(&svg, SIZE).into_drawing_area(), chart)?;
     draw_chart(BitMapBackend::new(&png, SIZE).into_drawing_area(), chart)?;
     Ok(vec![svg, png])
+}
+
+/// One bar of a bar chart.
+pub(super) struct Bar {
+    pub(super) label: String,
+    pub(super) value: f64,
+    /// Measured by a run the instrument marked harness-limited: outlined in red.
+    pub(super) limited: bool,
+}
+
+/// One panel of a bar chart: a measure, one bar per label, in the order given (top down).
+pub(super) struct BarPanel {
+    pub(super) title: String,
+    pub(super) x_label: String,
+    pub(super) bars: Vec<Bar>,
+}
+
+/// Draws `panels` side by side as `<stem>.svg` and `<stem>.png`.
+pub(super) fn save_bars(
+    out: &Path,
+    stem: &str,
+    title: &str,
+    caption: &str,
+    panels: &[BarPanel],
+) -> anyhow::Result<Vec<PathBuf>> {
+    let svg = out.join(format!("{stem}.svg"));
+    let png = out.join(format!("{stem}.png"));
+    draw_bars(
+        SVGBackend::new(&svg, SIZE).into_drawing_area(),
+        title,
+        caption,
+        panels,
+    )?;
+    draw_bars(
+        BitMapBackend::new(&png, SIZE).into_drawing_area(),
+        title,
+        caption,
+        panels,
+    )?;
+    Ok(vec![svg, png])
+}
+
+fn draw_bars<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    title: &str,
+    caption: &str,
+    panels: &[BarPanel],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: &dyn std::fmt::Debug| anyhow::anyhow!("drawing failed: {e:?}");
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (body, footer) = root.split_vertically(SIZE.1 - 28);
+    footer
+        .draw_text(
+            caption,
+            &("sans-serif", 14).into_font().color(&RGBColor(80, 80, 80)),
+            (12, 6),
+        )
+        .map_err(|e| err(&e))?;
+    let body = body
+        .titled(title, ("sans-serif", 24))
+        .map_err(|e| err(&e))?;
+    let red = RGBColor(200, 0, 0);
+    for (area, panel) in body
+        .split_evenly((1, panels.len().max(1)))
+        .iter()
+        .zip(panels)
+    {
+        let n = panel.bars.len();
+        if n == 0 {
+            continue;
+        }
+        let max = panel
+            .bars
+            .iter()
+            .map(|bar| bar.value)
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max);
+        // The first bar is drawn at the top.
+        let row = |i: usize| (n - 1 - i) as i32;
+        let mut ctx = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 17))
+            .margin(10)
+            .margin_right(24)
+            .x_label_area_size(40)
+            .y_label_area_size(170)
+            .build_cartesian_2d(
+                0.0..(max * 1.3).max(f64::EPSILON),
+                (0..n as i32).into_segmented(),
+            )
+            .map_err(|e| err(&e))?;
+        let names: Vec<String> = panel
+            .bars
+            .iter()
+            .map(|bar| legend_text(&bar.label))
+            .collect();
+        ctx.configure_mesh()
+            .disable_y_mesh()
+            .y_labels(n)
+            .y_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(r) if (0..n as i32).contains(r) => {
+                    names[n - 1 - *r as usize].clone()
+                }
+                _ => String::new(),
+            })
+            .x_labels(4)
+            .x_label_formatter(&|v| human(*v))
+            .x_desc(panel.x_label.as_str())
+            .label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 14))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, bar) in panel.bars.iter().enumerate() {
+            if !bar.value.is_finite() {
+                continue;
+            }
+            let style = style_of(&bar.label);
+            let corners = [
+                (0.0, SegmentValue::Exact(row(i))),
+                (bar.value, SegmentValue::Exact(row(i) + 1)),
+            ];
+            // Ours are filled; a peer's bar is pale with a solid outline.
+            let fill = if style.peer {
+                style.color.mix(0.35).filled()
+            } else {
+                style.color.filled()
+            };
+            let mut body = Rectangle::new(corners.clone(), fill);
+            body.set_margin(4, 4, 0, 0);
+            let outline_color = if bar.limited { red } else { style.color };
+            let mut outline = Rectangle::new(corners, outline_color.stroke_width(2));
+            outline.set_margin(4, 4, 0, 0);
+            ctx.draw_series([body, outline]).map_err(|e| err(&e))?;
+            ctx.draw_series(std::iter::once(Text::new(
+                format!(" {}", human(bar.value)),
+                (bar.value, SegmentValue::CenterOf(row(i))),
+                ("sans-serif", 13).into_font(),
+            )))
+            .map_err(|e| err(&e))?;
+        }
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
 }

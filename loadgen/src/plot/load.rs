@@ -64,6 +64,121 @@ pub fn load(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<Record>> {
     Ok(records)
 }
 
+/// What `scripts/c10k.sh` writes to `results/sweeps/<tag>.json` when a sweep has finished.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Manifest {
+    /// The sweep's tag (every one of its records carries it).
+    pub tag: String,
+    /// Runs made.
+    pub runs: usize,
+    /// When the last run ended, RFC 3339 (UTC).
+    pub finished_at: String,
+}
+
+/// The records of one sweep, and how many others `runs/` holds that are not part of it.
+pub struct Sweep {
+    /// The sweep's tag.
+    pub tag: String,
+    /// Its records, oldest first.
+    pub records: Vec<Record>,
+    /// Records in `runs/` outside this sweep (other sweeps, ad-hoc runs): never in a median.
+    pub left_out: usize,
+    /// Runs the sweep made, by its manifest (a run that could not start leaves no record).
+    pub runs_made: Option<usize>,
+}
+
+/// The finished sweeps under `dir/sweeps`, latest first.
+pub fn manifests(dir: &Path) -> anyhow::Result<Vec<Manifest>> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.join("sweeps")) else {
+        return Ok(found);
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        found.push(manifest);
+    }
+    found.sort_by(|a, b| b.finished_at.cmp(&a.finished_at));
+    Ok(found)
+}
+
+/// The sweep to draw: `tag`, or else the latest finished one. Refuses a sweep whose records
+/// cannot share a median (different machines, revisions or load shapes), saying why.
+pub fn choose(dir: &Path, tag: Option<&str>) -> anyhow::Result<Sweep> {
+    let manifests = manifests(dir)?;
+    let tag = match tag {
+        Some(tag) => tag.to_owned(),
+        None => manifests
+            .first()
+            .map(|m| m.tag.clone())
+            .with_context(|| {
+                format!(
+                    "no finished sweep in {} (scripts/c10k.sh writes one); name the records to draw with --tag",
+                    dir.join("sweeps").display()
+                )
+            })?,
+    };
+    let all = load(dir, None)?;
+    let total = all.len();
+    let records: Vec<Record> = all
+        .into_iter()
+        .filter(|r| r.config.tag.as_deref() == Some(tag.as_str()))
+        .collect();
+    if records.is_empty() {
+        anyhow::bail!("no records tagged {tag} in {}", dir.join("runs").display());
+    }
+    comparable(&tag, &records)?;
+    Ok(Sweep {
+        left_out: total - records.len(),
+        runs_made: manifests.iter().find(|m| m.tag == tag).map(|m| m.runs),
+        tag,
+        records,
+    })
+}
+
+/// Fails, naming the first difference, when `records` differ in anything that changes the
+/// numbers besides what a sweep varies on purpose (server, sessions, offered rate).
+pub fn comparable(tag: &str, records: &[Record]) -> anyhow::Result<()> {
+    type Key = fn(&Record) -> Option<String>;
+    let keys: [(&str, Key); 9] = [
+        ("machines", |r| {
+            Some(format!(
+                "{} ({} cores, {})",
+                r.host.hostname, r.host.cores, r.host.cpu_model
+            ))
+        }),
+        ("kernels", |r| Some(r.host.kernel.clone())),
+        ("revisions", |r| {
+            Some(r.git_revision.clone().unwrap_or_else(|| "unknown".into()))
+        }),
+        ("message sizes", |r| Some(format!("{} B", r.config.size))),
+        ("windows", |r| Some(format!("{} s", r.config.duration_s))),
+        ("warm-ups", |r| Some(format!("{} s", r.config.warmup_s))),
+        ("pacers", |r| r.harness.pacer.clone()),
+        ("arrivals", |r| r.harness.arrivals.clone()),
+        ("pacer threads", |r| {
+            r.config.rate.map(|_| r.harness.pacer_threads.to_string())
+        }),
+    ];
+    for (what, key) in keys {
+        let mut seen: Vec<String> = records.iter().filter_map(key).collect();
+        seen.sort();
+        seen.dedup();
+        if seen.len() > 1 {
+            anyhow::bail!(
+                "sweep {tag} mixes {what} ({}): refusing to take medians across them",
+                seen.join(" vs ")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Per label, its points in order of sessions.
 pub(super) type Series = BTreeMap<String, Vec<Point>>;
 
@@ -128,13 +243,16 @@ pub(super) fn fixed_rate(records: &[Record]) -> Option<f64> {
 /// Labels in the order of the comparison, external servers last.
 pub(super) fn ordered(series: &Series) -> Vec<&String> {
     let mut labels: Vec<&String> = series.keys().collect();
-    labels.sort_by_key(|label| {
-        (
-            order_of(label).unwrap_or(Target::ALL.len()),
-            (*label).clone(),
-        )
-    });
+    labels.sort_by_key(|label| rank(label));
     labels
+}
+
+/// A label's place in the comparison: `direct`, the modes, then the peers by name.
+pub(super) fn rank(label: &str) -> (usize, String) {
+    (
+        order_of(label).unwrap_or(Target::ALL.len()),
+        label.to_owned(),
+    )
 }
 
 /// Where a label stands in the comparison: `direct`, then the modes in `Mode::ALL` order;

@@ -16,23 +16,71 @@ mod charts;
 mod load;
 mod readme;
 
-use charts::{save, LineChart, FONT};
-use load::{fixed_rate, load, ordered, series, Point, Series};
+use charts::{save, save_bars, Bar, BarPanel, LineChart, FONT};
+use load::{choose, fixed_rate, ordered, series, Point, Series};
 use readme::{caption, report};
 
-/// Draws every chart and writes results/README.md. Returns the files written.
+/// Draws every chart and writes results/README.md for one sweep (`tag`, or the latest
+/// finished one) from the records in `dir`. Returns the files written.
 pub fn plot(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
+    draw(dir, tag, dir)
+}
+
+/// Redraws into a temporary directory and fails, naming the files, when `dir`'s README.md or
+/// charts differ from what its records produce (or it holds charts they do not produce).
+pub fn check(dir: &Path, tag: Option<&str>) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("loadgen-plot-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let result = draw(dir, tag, &scratch).and_then(|written| {
+        let mut differ = Vec::new();
+        for fresh in &written {
+            let name = fresh.strip_prefix(&scratch).unwrap_or(fresh);
+            let stored = dir.join(name);
+            if std::fs::read(&stored).ok() != Some(std::fs::read(fresh)?) {
+                differ.push(name.display().to_string());
+            }
+        }
+        let produced: Vec<PathBuf> = written
+            .iter()
+            .filter_map(|p| p.strip_prefix(&scratch).ok().map(Path::to_path_buf))
+            .collect();
+        if let Ok(entries) = std::fs::read_dir(dir.join("charts")) {
+            for entry in entries.flatten() {
+                let name = Path::new("charts").join(entry.file_name());
+                let chart = name.extension().is_some_and(|e| e == "svg" || e == "png");
+                if chart && !produced.contains(&name) {
+                    differ.push(format!("{} (no record produces it)", name.display()));
+                }
+            }
+        }
+        if differ.is_empty() {
+            Ok(())
+        } else {
+            differ.sort();
+            bail!(
+                "{} differs from what its records produce: {} (run `loadgen plot` and commit)",
+                dir.display(),
+                differ.join(", ")
+            )
+        }
+    });
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+/// Draws the sweep's charts and README.md from `dir`'s records (and its reading.md) into `dir_out`.
+fn draw(dir: &Path, tag: Option<&str>, dir_out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    // Registering the same font twice is harmless; it makes `draw` callable more than once.
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
         .map_err(|_| anyhow::anyhow!("bundled font is invalid"))?;
-    let records = load(dir, tag)?;
-    if records.is_empty() {
-        bail!("no records to plot in {}", dir.join("runs").display());
-    }
-    let out = dir.join("charts");
+    let sweep = choose(dir, tag)?;
+    let records = &sweep.records;
+    let out = dir_out.join("charts");
     std::fs::create_dir_all(&out)?;
-    let caption = caption(&records);
+    let caption = caption(&sweep);
     let closed: Vec<&Record> = records.iter().filter(|r| r.config.rate.is_none()).collect();
-    let rate = fixed_rate(&records);
+    let rate = fixed_rate(records);
     let open: Vec<&Record> = records
         .iter()
         .filter(|r| r.config.rate.is_some() && r.config.rate == rate)
@@ -263,12 +311,78 @@ pub fn plot(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<PathBuf>> {
         }
     }
 
-    let readme = dir.join("README.md");
+    // Modes and peers side by side at the largest session count.
+    let top_conns = any.values().flatten().map(|p| p.conns).fold(0.0, f64::max);
+    let at = |series: &Series, label: &str| -> Option<Point> {
+        series
+            .get(label)?
+            .iter()
+            .find(|p| p.conns == top_conns)
+            .cloned()
+    };
+    let mut labels: Vec<String> = closed_series
+        .keys()
+        .chain(open_series.keys())
+        .cloned()
+        .collect();
+    labels.sort_by_key(|label| load::rank(label));
+    labels.dedup();
+    let bars = |series: &Series, f: &dyn Fn(&Point) -> f64, skip_direct: bool| -> Vec<Bar> {
+        labels
+            .iter()
+            .filter(|label| !(skip_direct && label.as_str() == Target::Direct.name()))
+            .filter_map(|label| {
+                let point = at(series, label)?;
+                Some(Bar {
+                    label: label.clone(),
+                    value: f(&point),
+                    limited: point.limited,
+                })
+            })
+            .collect()
+    };
+    let panels = [
+        BarPanel {
+            title: "RSS per idle session".into(),
+            x_label: "KiB per session".into(),
+            bars: bars(&any, &|p| p.rss_per_session / 1024.0, true),
+        },
+        BarPanel {
+            title: format!("CPU per message ({rate_text})"),
+            x_label: "proxy CPU µs per round trip".into(),
+            bars: bars(&open_series, &|p| p.cpu_us_per_msg, true),
+        },
+        BarPanel {
+            title: "Throughput, closed loop".into(),
+            x_label: "round trips per second".into(),
+            bars: bars(&closed_series, &|p| p.msgs_per_s, false),
+        },
+    ];
+    if panels.iter().any(|panel| !panel.bars.is_empty()) {
+        let title = format!("Our modes and other servers at {top_conns:.0} sessions");
+        written.extend(save_bars(&out, "8-at-top", &title, &caption, &panels)?);
+    }
+
+    // Charts this sweep does not produce (an earlier sweep's) would be read as its own.
+    for entry in std::fs::read_dir(&out)?.flatten() {
+        let path = entry.path();
+        let chart = path.extension().is_some_and(|e| e == "svg" || e == "png");
+        if chart && !written.contains(&path) {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    let drawn: Vec<String> = written
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    let readme = dir_out.join("README.md");
     std::fs::write(
         &readme,
         report(
             dir,
-            &records,
+            &drawn,
+            &sweep,
             &closed_series,
             &open_series,
             rate,

@@ -3,28 +3,44 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::load::{ordered, Series};
+use super::charts::style_of;
+use super::load::{ordered, rank, Point, Series, Sweep};
 use crate::cli::Target;
-use crate::record::Record;
 
-pub(super) fn caption(records: &[Record]) -> String {
+/// The footer of every chart: which sweep, on what, when, and how many runs per point.
+pub(super) fn caption(sweep: &Sweep) -> String {
+    let records = &sweep.records;
     let Some(first) = records.first() else {
         return String::new();
     };
     let h = &first.host;
-    let revisions: std::collections::BTreeSet<&str> = records
-        .iter()
-        .filter_map(|r| r.git_revision.as_deref())
-        .collect();
+    let revision = first.git_revision.as_deref().unwrap_or("unknown revision");
+    let mut per_point: std::collections::BTreeMap<(String, usize, Option<u64>), usize> =
+        std::collections::BTreeMap::new();
+    for r in records {
+        *per_point
+            .entry((
+                r.config.label.clone(),
+                r.config.conns,
+                r.config.rate.map(f64::to_bits),
+            ))
+            .or_default() += 1;
+    }
+    let fewest = per_point.values().min().copied().unwrap_or(0);
+    let most = per_point.values().max().copied().unwrap_or(0);
+    let runs = if fewest == most {
+        format!("{most}")
+    } else {
+        format!("{fewest}–{most}")
+    };
     format!(
-        "{} · {} cores · Linux {} · {} runs, {} … {} · rev {}",
+        "sweep {} · rev {revision} · {} · {} cores · Linux {} · {} … {} · {runs} runs per point",
+        sweep.tag,
         h.cpu_model,
         h.cores,
         h.kernel,
-        records.len(),
         &first.started_at[..10],
         records.last().map_or("", |r| &r.started_at[..10]),
-        revisions.into_iter().collect::<Vec<_>>().join(",")
     )
 }
 
@@ -73,28 +89,296 @@ pub(super) fn table(series: &Series, with_rate: bool, x_name: &str) -> String {
     out
 }
 
+/// The measures of the comparison, each read from a session count's closed-loop and
+/// fixed-rate points; `higher` when more is better.
+struct Measure {
+    name: &'static str,
+    unit: &'static str,
+    higher: bool,
+    /// Which of the row's points the measure is read from.
+    point: for<'a> fn(&Row<'a>) -> Option<&'a Point>,
+    value: fn(&Point) -> f64,
+}
+
+/// One server at one session count: its closed-loop and fixed-rate points.
+struct Row<'a> {
+    label: &'a str,
+    closed: Option<&'a Point>,
+    open: Option<&'a Point>,
+}
+
+impl Row<'_> {
+    fn limited(&self) -> bool {
+        self.closed.is_some_and(|p| p.limited) || self.open.is_some_and(|p| p.limited)
+    }
+    fn saturated(&self) -> bool {
+        self.closed.is_some_and(|p| p.saturated) || self.open.is_some_and(|p| p.saturated)
+    }
+}
+
+const MEASURES: [Measure; 5] = [
+    Measure {
+        name: "sessions held",
+        unit: "",
+        higher: true,
+        // Idle figures (sessions held, RSS) come from the closed-loop run when there is one.
+        point: |row| row.closed.or(row.open),
+        value: |p| p.established,
+    },
+    Measure {
+        name: "closed-loop throughput",
+        unit: " msg/s",
+        higher: true,
+        point: |row| row.closed,
+        value: |p| p.msgs_per_s,
+    },
+    Measure {
+        name: "p99 at the fixed rate",
+        unit: " ms",
+        higher: false,
+        point: |row| row.open,
+        value: |p| p.p99 / 1000.0,
+    },
+    Measure {
+        name: "RSS per idle session",
+        unit: " KiB",
+        higher: false,
+        point: |row| row.closed.or(row.open),
+        value: |p| p.rss_per_session / 1024.0,
+    },
+    Measure {
+        name: "CPU per message at the fixed rate",
+        unit: " µs",
+        higher: false,
+        point: |row| row.open,
+        value: |p| p.cpu_us_per_msg,
+    },
+];
+
+/// The share of the requested sessions a mode must hold to count as our best at that count.
+const HELD_SHARE: f64 = 0.99;
+
+fn number(value: f64) -> String {
+    if value >= 100.0 {
+        format!("{value:.0}")
+    } else if value >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+/// Per session count: one table of every server (modes, baseline, peers), then how our best
+/// mode stands against each peer on each measure, as ratios of this sweep's medians.
+pub(super) fn by_sessions(closed: &Series, open: &Series) -> String {
+    let mut out = String::new();
+    let mut labels: Vec<&String> = closed.keys().chain(open.keys()).collect();
+    labels.sort_by_key(|label| rank(label));
+    labels.dedup();
+    let mut counts: Vec<f64> = closed
+        .values()
+        .chain(open.values())
+        .flatten()
+        .map(|p| p.conns)
+        .collect();
+    counts.sort_by(f64::total_cmp);
+    counts.dedup();
+    fn find<'s>(series: &'s Series, label: &str, conns: f64) -> Option<&'s Point> {
+        series.get(label)?.iter().find(|p| p.conns == conns)
+    }
+    for conns in counts {
+        let rows: Vec<Row> = labels
+            .iter()
+            .map(|label| Row {
+                label: label.as_str(),
+                closed: find(closed, label, conns),
+                open: find(open, label, conns),
+            })
+            .filter(|row| row.closed.is_some() || row.open.is_some())
+            .collect();
+        let _ = writeln!(
+            out,
+            "### {conns:.0} sessions
+"
+        );
+        let _ = writeln!(
+            out,
+            "| server | established | closed-loop msg/s | closed-loop p99 ms | p99 ms at the rate | p99.9 ms at the rate | RSS/session | CPU µs/msg at the rate | runs | harness |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        let cell = |value: Option<f64>, f: &dyn Fn(f64) -> String| value.map_or("–".to_owned(), f);
+        for row in &rows {
+            let is_direct = row.label == Target::Direct.name();
+            let name = match (is_direct, style_of(row.label).peer) {
+                (true, _) => "direct (no proxy)".to_owned(),
+                (_, true) => format!("{} (other server)", row.label),
+                _ => format!("**{}**", row.label),
+            };
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                cell(
+                    row.closed.or(row.open).map(|p| p.established),
+                    &|v| format!("{v:.0}")
+                ),
+                cell(row.closed.map(|p| p.msgs_per_s), &|v| format!("{v:.0}")),
+                cell(row.closed.map(|p| p.p99 / 1000.0), &|v| format!("{v:.2}")),
+                cell(row.open.map(|p| p.p99 / 1000.0), &|v| format!("{v:.2}")),
+                cell(row.open.map(|p| p.p999 / 1000.0), &|v| format!("{v:.2}")),
+                cell(
+                    row.closed
+                        .or(row.open)
+                        .map(|p| p.rss_per_session)
+                        .filter(|_| !is_direct),
+                    &|v| format!("{v:.0} B")
+                ),
+                cell(
+                    row.open.map(|p| p.cpu_us_per_msg).filter(|_| !is_direct),
+                    &|v| format!("{v:.1}")
+                ),
+                row.closed.map_or(0, |p| p.runs) + row.open.map_or(0, |p| p.runs),
+                match (row.limited(), row.saturated()) {
+                    (true, true) => "limited, saturated",
+                    (true, false) => "limited",
+                    (false, true) => "saturated",
+                    (false, false) => "ok",
+                }
+            );
+        }
+        let peers: Vec<&Row> = rows.iter().filter(|row| style_of(row.label).peer).collect();
+        // A mode that refused most sessions (select beyond FD_SETSIZE) serves fewer, faster:
+        // only modes that held nearly every session compete for "our best".
+        let ours: Vec<&Row> = rows
+            .iter()
+            .filter(|row| !style_of(row.label).peer && row.label != Target::Direct.name())
+            .filter(|row| {
+                row.closed
+                    .or(row.open)
+                    .is_some_and(|p| p.established >= HELD_SHARE * conns)
+            })
+            .collect();
+        if peers.is_empty() || ours.is_empty() {
+            let _ = writeln!(out);
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "\nOur best mode against each other server ({conns:.0} sessions; our best among the \
+             modes that held at least {:.0} % of them; ×r: how many times better ours is, below 1 \
+             the other server wins; * a harness-limited point):\n",
+            HELD_SHARE * 100.0
+        );
+        let _ = write!(out, "| measure | our best |");
+        for peer in &peers {
+            let _ = write!(out, " {} |", peer.label);
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "|---|---|{}", "---|".repeat(peers.len()));
+        for measure in &MEASURES {
+            let better = |a: f64, b: f64| if measure.higher { a > b } else { a < b };
+            let measured = |row: &Row| -> Option<(f64, &'static str)> {
+                let point = (measure.point)(row)?;
+                let value = (measure.value)(point);
+                value
+                    .is_finite()
+                    .then_some((value, if point.limited { "*" } else { "" }))
+            };
+            let best = ours
+                .iter()
+                .filter_map(|row| Some((*row, measured(row)?)))
+                .fold(
+                    None,
+                    |best: Option<(&Row, (f64, &str))>, (row, m)| match best {
+                        Some((_, (b, _))) if !better(m.0, b) => best,
+                        _ => Some((row, m)),
+                    },
+                );
+            let Some((best_row, (best_value, best_star))) = best else {
+                continue;
+            };
+            let _ = write!(
+                out,
+                "| {} | {} {}{}{best_star} |",
+                measure.name,
+                best_row.label,
+                number(best_value),
+                measure.unit,
+            );
+            for peer in &peers {
+                let cell = match measured(peer) {
+                    Some((value, star)) => {
+                        let ratio = if measure.higher {
+                            best_value / value
+                        } else {
+                            value / best_value
+                        };
+                        format!("{}{}{star} (×{ratio:.2})", number(value), measure.unit)
+                    }
+                    None => "–".to_owned(),
+                };
+                let _ = write!(out, " {cell} |");
+            }
+            let _ = writeln!(out);
+        }
+        let _ = writeln!(out);
+    }
+    out
+}
+
+/// results/README.md: reading.md from `dir`, the charts drawn (by stem), the tables.
 pub(super) fn report(
     dir: &Path,
-    records: &[Record],
+    drawn: &[String],
+    sweep: &Sweep,
     closed: &Series,
     open: &Series,
     rate: Option<f64>,
     by_rate: Option<(usize, &Series)>,
 ) -> String {
     let mut out = String::new();
+    let records = &sweep.records;
     let host = &records[0].host;
     let _ = writeln!(out, "# The c10k comparison: results\n");
     let _ = writeln!(
         out,
-        "Generated by `loadgen plot` from the {} records in `runs/` (do not edit; edit `reading.md`).\n",
-        records.len()
+        "Generated by `loadgen plot` from the {} records of sweep `{}` in `runs/`{} (do not \
+         edit; edit `reading.md`). {}\n",
+        records.len(),
+        sweep.tag,
+        match sweep.runs_made {
+            Some(runs) if runs != records.len() => {
+                format!(
+                    " (its manifest in `sweeps/` counts {runs} runs: the others left no record)"
+                )
+            }
+            Some(_) => " (every run the sweep made)".to_owned(),
+            None => " (no manifest in `sweeps/`: named by `--tag`)".to_owned(),
+        },
+        match sweep.left_out {
+            0 => "No other record is in `runs/`.".to_owned(),
+            1 => "One other record in `runs/` (another sweep or an ad-hoc run) is not in this \
+                  comparison and never enters a median."
+                .to_owned(),
+            n => format!(
+                "{n} other records in `runs/` (other sweeps, ad-hoc runs) are not in this \
+                 comparison and never enter a median."
+            ),
+        }
     );
     let _ = writeln!(
         out,
-        "Machine: {} ({} cores), Linux {}, host `{}`. Regenerate the runs with `scripts/c10k.sh` \
-         (about 40 minutes; `--quick` for a smaller matrix) and these charts and tables with \
-         `./target/release/loadgen plot`.\n",
-        host.cpu_model, host.cores, host.kernel, host.hostname
+        "Sweep `{}`: revision {}, {} ({} cores), Linux {}, host `{}`, {} … {}. Regenerate the runs \
+         with `scripts/c10k.sh` (about an hour with the other servers; `--quick` for a smaller \
+         matrix) and these charts and tables with `./target/release/loadgen plot`; \
+         `loadgen plot --check` verifies they match the records.\n",
+        sweep.tag,
+        records[0].git_revision.as_deref().unwrap_or("unknown"),
+        host.cpu_model,
+        host.cores,
+        host.kernel,
+        host.hostname,
+        records[0].started_at,
+        records.last().map_or("", |r| r.started_at.as_str()),
     );
     if let Ok(reading) = std::fs::read_to_string(dir.join("reading.md")) {
         let _ = writeln!(out, "{}\n", reading.trim_end());
@@ -113,19 +397,21 @@ pub(super) fn report(
         ),
         ("7-cpu-vs-rate", "CPU per message against the offered rate"),
         ("7-p99-vs-rate", "p99 against the offered rate"),
+        (
+            "8-at-top",
+            "Our modes and other servers at the largest session count",
+        ),
     ] {
-        if dir.join("charts").join(format!("{file}.png")).exists() {
+        if drawn.iter().any(|stem| stem == file) {
             let _ = writeln!(out, "![{text}](charts/{file}.png)\n");
         }
     }
-    let _ = writeln!(out, "## Closed loop (maximum throughput)\n");
-    out.push_str(&table(closed, false, "sessions"));
     let _ = writeln!(
         out,
-        "\n## Fixed offered rate ({})\n",
-        rate.map_or("none recorded".to_owned(), |r| format!("{r:.0} msg/s"))
+        "## By session count: closed loop, and {} offered\n",
+        rate.map_or("no fixed rate".to_owned(), |r| format!("{r:.0} msg/s"))
     );
-    out.push_str(&table(open, true, "sessions"));
+    out.push_str(&by_sessions(closed, open));
     if let Some((sessions, by_rate)) = by_rate {
         let _ = writeln!(out, "\n## Against the offered rate ({sessions} sessions)\n");
         out.push_str(&table(by_rate, true, "offered msg/s"));
@@ -145,4 +431,97 @@ pub(super) fn report(
         let _ = writeln!(out, "\n## Benchmarks (criterion)\n\n{}", benches.trim_end());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(
+        conns: f64,
+        established: f64,
+        msgs_per_s: f64,
+        p99_us: f64,
+        rss: f64,
+        cpu: f64,
+    ) -> Point {
+        Point {
+            conns,
+            runs: 2,
+            established,
+            msgs_per_s,
+            p50: p99_us / 2.0,
+            p99: p99_us,
+            p999: p99_us * 2.0,
+            rss_per_session: rss,
+            cpu_us_per_msg: cpu,
+            rtt: crate::measure::histogram(),
+            limited: false,
+            saturated: false,
+        }
+    }
+
+    #[test]
+    fn each_session_count_compares_our_best_mode_with_each_peer() {
+        let mut closed = Series::new();
+        let mut open = Series::new();
+        // At 1,000 sessions: epoll holds every session at 1 KiB, async is faster; the peer
+        // (microsocks) holds fewer, is slower, and costs 3 KiB and twice the CPU.
+        closed.insert(
+            "direct".into(),
+            vec![point(1000.0, 1000.0, 90000.0, 900.0, 0.0, 0.0)],
+        );
+        closed.insert(
+            "epoll".into(),
+            vec![point(1000.0, 1000.0, 50000.0, 2000.0, 1024.0, 20.0)],
+        );
+        closed.insert(
+            "async".into(),
+            vec![point(1000.0, 1000.0, 60000.0, 1500.0, 2048.0, 18.0)],
+        );
+        closed.insert(
+            "microsocks".into(),
+            vec![point(1000.0, 500.0, 30000.0, 3000.0, 3072.0, 30.0)],
+        );
+        open.insert(
+            "epoll".into(),
+            vec![point(1000.0, 1000.0, 10000.0, 400.0, 1024.0, 25.0)],
+        );
+        let mut peer_open = point(1000.0, 500.0, 10000.0, 1200.0, 3072.0, 50.0);
+        peer_open.limited = true;
+        open.insert("microsocks".into(), vec![peer_open]);
+
+        let text = by_sessions(&closed, &open);
+        assert!(text.contains("### 1000 sessions"), "{text}");
+        assert!(text.contains("| direct (no proxy) |"), "{text}");
+        assert!(text.contains("| **epoll** |"), "{text}");
+        assert!(text.contains("| microsocks (other server) |"), "{text}");
+        // Our best is chosen per measure, and the ratio says how many times better it is.
+        assert!(
+            text.contains("| sessions held | epoll 1000 | 500 (×2.00) |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| closed-loop throughput | async 60000 msg/s | 30000 msg/s (×2.00) |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| p99 at the fixed rate | epoll 0.40 ms | 1.20 ms* (×3.00) |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| RSS per idle session | epoll 1.00 KiB | 3.00 KiB (×3.00) |"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| CPU per message at the fixed rate | epoll 25.0 µs | 50.0 µs* (×2.00) |"
+            ),
+            "{text}"
+        );
+        // Without peers there is nothing to compare.
+        closed.remove("microsocks");
+        open.remove("microsocks");
+        assert!(!by_sessions(&closed, &open).contains("Our best mode"));
+    }
 }
