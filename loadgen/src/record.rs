@@ -546,10 +546,32 @@ pub fn write(dir: &Path, stamp: &str, record: &Record) -> anyhow::Result<PathBuf
     let runs = dir.join("runs");
     std::fs::create_dir_all(&runs).with_context(|| format!("cannot create {}", runs.display()))?;
     let base = format!("{stamp}-{}-c{}", record.config.label, record.config.conns);
-    let json_path = runs.join(format!("{base}.json"));
-    std::fs::write(&json_path, serde_json::to_string_pretty(record)? + "\n")
-        .with_context(|| format!("cannot write {}", json_path.display()))?;
-    Ok(json_path)
+    let text = serde_json::to_string_pretty(record)? + "\n";
+    // Two runs of one point can end within the stamp's second: never overwrite a record.
+    for attempt in 1..=1000 {
+        let name = match attempt {
+            1 => format!("{base}.json"),
+            n => format!("{base}-{n}.json"),
+        };
+        let json_path = runs.join(name);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&json_path)
+        {
+            Ok(mut file) => {
+                use std::io::Write as _;
+                file.write_all(text.as_bytes())
+                    .with_context(|| format!("cannot write {}", json_path.display()))?;
+                return Ok(json_path);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot write {}", json_path.display()))
+            }
+        }
+    }
+    anyhow::bail!("{} already holds 1000 records named {base}", runs.display())
 }
 
 /// Assembles the record of a run from its settings and what it measured.

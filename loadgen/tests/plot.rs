@@ -108,6 +108,15 @@ fn a_stray_record_never_enters_the_sweeps_medians() {
         .collect();
     let median = (rates[0] + rates[1]) / 2.0;
 
+    let output = loadgen(&["plot"], &dir);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let before = std::fs::read(dir.join("README.md")).expect("README");
+    let chart_before = std::fs::read(dir.join("charts/2-throughput.png")).expect("png");
+
     // An ad-hoc run at the same point, absurdly fast: untagged, as the README's main job is.
     let mut stray = read_json(&records[0]);
     stray["config"]["tag"] = Value::Null;
@@ -127,7 +136,16 @@ fn a_stray_record_never_enters_the_sweeps_medians() {
         "{readme}"
     );
     assert!(readme.contains("sweep `fixture`"), "{readme}");
-    assert!(readme.contains("One other record in `runs/`"), "{readme}");
+    // The published page and charts do not move at all.
+    assert_eq!(
+        readme.as_bytes(),
+        &before[..],
+        "README changed with a stray record"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("charts/2-throughput.png")).expect("png"),
+        chart_before
+    );
     let svg = std::fs::read_to_string(dir.join("charts/2-throughput.svg")).expect("svg");
     assert!(
         svg.contains("sweep fixture"),

@@ -75,14 +75,12 @@ pub struct Manifest {
     pub finished_at: String,
 }
 
-/// The records of one sweep, and how many others `runs/` holds that are not part of it.
+/// The records of one sweep (no other record of `runs/` is ever part of it).
 pub struct Sweep {
     /// The sweep's tag.
     pub tag: String,
     /// Its records, oldest first.
     pub records: Vec<Record>,
-    /// Records in `runs/` outside this sweep (other sweeps, ad-hoc runs): never in a median.
-    pub left_out: usize,
     /// Runs the sweep made, by its manifest (a run that could not start leaves no record).
     pub runs_made: Option<usize>,
 }
@@ -124,7 +122,6 @@ pub fn choose(dir: &Path, tag: Option<&str>) -> anyhow::Result<Sweep> {
             })?,
     };
     let all = load(dir, None)?;
-    let total = all.len();
     let records: Vec<Record> = all
         .into_iter()
         .filter(|r| r.config.tag.as_deref() == Some(tag.as_str()))
@@ -134,7 +131,6 @@ pub fn choose(dir: &Path, tag: Option<&str>) -> anyhow::Result<Sweep> {
     }
     comparable(&tag, &records)?;
     Ok(Sweep {
-        left_out: total - records.len(),
         runs_made: manifests.iter().find(|m| m.tag == tag).map(|m| m.runs),
         tag,
         records,
