@@ -33,6 +33,7 @@ while [[ $# -gt 0 ]]; do
         --repeat) repeat="$2"; shift ;;
         --results) results="$2"; shift ;;
         --conns) conns_arg="$2"; shift ;;
+        --peers) peers=1 ;;
         --no-peers|--no-external) peers=0 ;;
         --no-rate-sweep) rate_sweep=0 ;;
         --allow-dirty) allow_dirty=1 ;;

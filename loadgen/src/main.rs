@@ -158,7 +158,8 @@ fn measure_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             eprintln!("loadgen: record written to {}", path.display());
             if args.tag.is_none() {
                 eprintln!(
-                    "loadgen: an ad-hoc run (no --tag): `loadgen plot` draws one tagged sweep, so this record is not part of the published comparison"
+                    "loadgen: an ad-hoc run (no --tag): its row went to {}, and `loadgen plot` draws one tagged sweep, so it is not part of the published comparison",
+                    args.results.join(report::summary_file(&record)).display()
                 );
             }
         }

@@ -66,9 +66,11 @@ impl<'a> SummaryRow<'a> {
     }
 }
 
-/// Appends the run's row to `dir/summary.csv` (with a header when the file is new).
+/// Appends the run's row to `dir/summary.csv` for a run of a sweep (`--tag`), or to
+/// `dir/adhoc-summary.csv` (ignored by git) for an ad-hoc run, so running the README's main job
+/// changes nothing that is committed (with a header when the file is new).
 pub fn append_summary(dir: &Path, record: &Record, record_path: &Path) -> anyhow::Result<()> {
-    let path = dir.join("summary.csv");
+    let path = dir.join(summary_file(record));
     let new_file = !path.exists();
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -82,6 +84,15 @@ pub fn append_summary(dir: &Path, record: &Record, record_path: &Path) -> anyhow
     writer.serialize(SummaryRow::of(record, relative))?;
     writer.flush()?;
     Ok(())
+}
+
+/// The index a run's row goes to: the sweeps' or the ad-hoc runs'.
+pub fn summary_file(record: &Record) -> &'static str {
+    if record.config.tag.is_some() {
+        "summary.csv"
+    } else {
+        "adhoc-summary.csv"
+    }
 }
 
 /// Writes each histogram as `<record stem>-<name>.hgrm` beside the record.

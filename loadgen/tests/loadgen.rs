@@ -172,7 +172,9 @@ fn small_runs_are_recorded_consistently(mode: &str) {
             );
             assert!(u(&record, &["proxy", "processes"]) >= 1);
         }
-        let summary = std::fs::read_to_string(dir.join("summary.csv")).expect("summary");
+        // An ad-hoc run (no --tag) is indexed apart from the sweeps.
+        assert!(!dir.join("summary.csv").exists());
+        let summary = std::fs::read_to_string(dir.join("adhoc-summary.csv")).expect("summary");
         assert_eq!(summary.lines().count(), 2, "{summary}");
         let hgrm = std::fs::read_dir(dir.join("runs"))
             .expect("runs")
