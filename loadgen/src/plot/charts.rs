@@ -134,10 +134,12 @@ pub(super) fn human(value: f64) -> String {
     }
 }
 
-pub(super) fn draw_chart<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
-    chart: &LineChart<'_>,
-) -> anyhow::Result<()>
+/// Paints the page white and writes `caption` in its footer (every chart names its sweep
+/// there); returns the area above the footer.
+fn page<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    caption: &str,
+) -> anyhow::Result<DrawingArea<DB, Shift>>
 where
     DB::ErrorType: 'static,
 {
@@ -146,11 +148,23 @@ where
     let (body, footer) = root.split_vertically(SIZE.1 - 28);
     footer
         .draw_text(
-            chart.caption,
+            caption,
             &("sans-serif", 14).into_font().color(&RGBColor(80, 80, 80)),
             (12, 6),
         )
         .map_err(|e| err(&e))?;
+    Ok(body)
+}
+
+pub(super) fn draw_chart<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    chart: &LineChart<'_>,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: &dyn std::fmt::Debug| anyhow::anyhow!("drawing failed: {e:?}");
+    let body = page(&root, chart.caption)?;
     let all_points = || {
         chart
             .lines
@@ -400,16 +414,7 @@ where
     DB::ErrorType: 'static,
 {
     let err = |e: &dyn std::fmt::Debug| anyhow::anyhow!("drawing failed: {e:?}");
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let (body, footer) = root.split_vertically(SIZE.1 - 28);
-    footer
-        .draw_text(
-            caption,
-            &("sans-serif", 14).into_font().color(&RGBColor(80, 80, 80)),
-            (12, 6),
-        )
-        .map_err(|e| err(&e))?;
-    let body = body
+    let body = page(&root, caption)?
         .titled(title, ("sans-serif", 24))
         .map_err(|e| err(&e))?;
     let red = RGBColor(200, 0, 0);
