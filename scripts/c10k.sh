@@ -4,7 +4,7 @@
 # repeated; at the largest session count also a sweep of the offered rate; then the charts
 # and results/README.md. Loopback only; every run is bounded by loadgen's own limits.
 #
-#   scripts/c10k.sh            full matrix (about 70 minutes on 2 cores with the peers)
+#   scripts/c10k.sh            full matrix (about 50 minutes on 2 cores with the peers)
 #   scripts/c10k.sh --quick    smaller matrix (a few minutes)
 #
 # Options: --repeat N (default 2), --results DIR (default results), --conns "100 1000 ..."
@@ -18,8 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-args_text=""
-for arg in "$@"; do args_text+=" $arg"; done
+args_text=$(printf ' %q' "$@")
 quick=0
 repeat=2
 results=results
@@ -30,9 +29,9 @@ conns_arg=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) quick=1 ;;
-        --repeat) repeat="$2"; shift ;;
-        --results) results="$2"; shift ;;
-        --conns) conns_arg="$2"; shift ;;
+        --repeat) repeat="${2:?--repeat needs a number}"; shift ;;
+        --results) results="${2:?--results needs a directory}"; shift ;;
+        --conns) conns_arg="${2:?--conns needs a list, e.g. \"100 1000\"}"; shift ;;
         --peers) peers=1 ;;
         --no-peers|--no-external) peers=0 ;;
         --no-rate-sweep) rate_sweep=0 ;;
@@ -59,10 +58,15 @@ fi
 if [[ -n $conns_arg ]]; then
     read -ra conns_list <<<"$conns_arg"
 fi
+for number in "$repeat" "${conns_list[@]}"; do
+    [[ $number =~ ^[1-9][0-9]*$ ]] || { echo "c10k.sh: '$number' is not a positive whole number (--conns takes a space-separated list: --conns \"100 1000\")" >&2; exit 2; }
+done
 if [[ $rate_sweep == 0 ]]; then
     other_rates=()
 fi
-if [[ $allow_dirty == 0 ]] && [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]; then
+# results/ is left out: the sweep itself appends to results/summary.csv.
+dirty() { [[ -n $(git status --porcelain --untracked-files=no -- ':(top)' ':(top,exclude)results' 2>/dev/null) ]]; }
+if [[ $allow_dirty == 0 ]] && dirty; then
     echo "c10k.sh: the work tree has uncommitted changes; commit them (a published sweep must be reproducible from a commit) or pass --allow-dirty" >&2
     exit 2
 fi
@@ -88,10 +92,16 @@ failures=0
 run() {
     point=$((point + 1))
     echo "[$point/$total] $*" >&2
-    if ! "$loadgen" "$@" --ramp-rate 4000 --quiet --results "$results" --tag "$tag" "${timing[@]}" >/dev/null; then
-        failures=$((failures + 1))
-        echo "  (run reported a failure; its record is kept)" >&2
-    fi
+    local status=0
+    "$loadgen" "$@" --ramp-rate 4000 --quiet --results "$results" --tag "$tag" "${timing[@]}" >/dev/null || status=$?
+    case $status in
+        0) ;;
+        1) failures=$((failures + 1)); echo "  (run reported a failure; its record is kept)" >&2 ;;
+        # Interrupted: stop the sweep (the EXIT trap stops any peer); no manifest is written,
+        # so an unfinished sweep is never drawn by default.
+        130) echo "c10k.sh: interrupted; sweep $tag is unfinished" >&2; exit 130 ;;
+        *) echo "c10k.sh: loadgen could not run (exit $status); sweep $tag stopped, unfinished" >&2; exit 2 ;;
+    esac
 }
 
 for ((r = 1; r <= repeat; r++)); do
@@ -129,17 +139,19 @@ done
 
 echo "sweep $tag: $point runs, $failures reported failures" >&2
 revision=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-[[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]] && revision="$revision-dirty"
+if dirty; then revision="$revision-dirty"; fi
 mkdir -p "$results/sweeps"
+# JSON strings: backslashes and quotes escaped (the command line may hold either).
+json() { local s=${1//\\/\\\\}; printf '"%s"' "${s//\"/\\\"}"; }
 cat >"$results/sweeps/$tag.json" <<EOF
 {
-  "tag": "$tag",
-  "revision": "$revision",
+  "tag": $(json "$tag"),
+  "revision": $(json "$revision"),
   "runs": $point,
   "failures": $failures,
-  "started_at": "$started_at",
-  "finished_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
-  "command": "scripts/c10k.sh${args_text}"
+  "started_at": $(json "$started_at"),
+  "finished_at": $(json "$(date -u +%Y-%m-%dT%H:%M:%SZ)"),
+  "command": $(json "scripts/c10k.sh${args_text}")
 }
 EOF
 "$loadgen" plot --results "$results" --tag "$tag"

@@ -45,7 +45,9 @@ install() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt[@]}" >/dev/null
     fi
     if ! installed fast-socks5; then
-        cargo install --quiet fast-socks5 --version "$FAST_SOCKS5_VERSION" --example server \
+        # --locked: the dependency versions the crate was published with, so the build (and
+        # the figures) do not drift as its dependencies release.
+        cargo install --quiet --locked fast-socks5 --version "$FAST_SOCKS5_VERSION" --example server \
             --root "$root/.peers/fast-socks5-$FAST_SOCKS5_VERSION"
     fi
     list
@@ -71,6 +73,7 @@ version_of() {
 
 # A port nothing listens on, below the ephemeral range (so no outgoing connection holds it).
 free_port() {
+    command -v ss >/dev/null 2>&1 || die "ss (iproute2) is needed to find a free port"
     local port
     for _ in $(seq 1 100); do
         port=$((20000 + RANDOM % 10000))
@@ -121,7 +124,7 @@ start() {
         microsocks) command="microsocks -i 127.0.0.1 -p $port" ;;
         dante)
             dante_config "$port" >"$dir/dante.conf"
-            command="danted -f $dir/dante.conf -p $dir/dante.pid"
+            command="danted -f $dir/dante.conf -p $dir/danted-own.pid"
             ;;
         *) die "unknown peer $name (known: ${PEERS[*]})" ;;
     esac
@@ -130,16 +133,24 @@ start() {
     (ulimit -n "$(ulimit -Hn)" && exec $command) >"$dir/$name.log" 2>&1 &
     local pid=$!
     echo "$pid" >"$dir/$name.pid"
+    awk '{print $22}' "/proc/$pid/stat" >"$dir/$name.started"
     echo "127.0.0.1:$port" >"$dir/$name.addr"
     version_of "$name" >"$dir/$name.version"
     echo "ulimit -n $(ulimit -Hn); $command" >"$dir/$name.command"
     # Ready when it accepts a connection; give up after 10 s.
     for _ in $(seq 1 100); do
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if gone "$pid"; then
+            rm -f "$dir/$name.pid" "$dir/$name.started"
             die "$name exited at start: $(tail -3 "$dir/$name.log")"
         fi
+        # Ready when the port accepts and the listener is ours (not another process that
+        # took the port between the check and the bind).
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return
+            if ss -Hltnp "sport = :$port" | grep -q "pid=$pid,"; then
+                return
+            fi
+            stop "$name" "$dir"
+            die "127.0.0.1:$port was taken by another process before $name could listen; try again"
         fi
         sleep 0.1
     done
@@ -147,18 +158,41 @@ start() {
     die "$name did not accept on 127.0.0.1:$port within 10 s"
 }
 
+# Whether PID is still the process we started (its start time matches): a PID file left
+# behind must never make us signal an unrelated process that reused the number.
+ours() {
+    local pid=$1 dir=$2 name=$3
+    [[ -r "$dir/$name.started" ]] || return 1
+    [[ "$(awk '{print $22}' "/proc/$pid/stat" 2>/dev/null)" == "$(cat "$dir/$name.started")" ]]
+}
+
+gone() {
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 0
+    [[ -z $state || $state == Z || $state == X ]]
+}
+
 stop() {
     local name=$1 dir=$2
     local pid
     pid=$(cat "$dir/$name.pid" 2>/dev/null) || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    # Dante's children may outlive a stuck parent: take the whole group of its processes.
-    pkill -KILL -P "$pid" 2>/dev/null || true
-    kill -KILL "$pid" 2>/dev/null || true
+    if ours "$pid" "$dir" "$name"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            gone "$pid" && break
+            sleep 0.1
+        done
+        if ! gone "$pid"; then
+            # Dante's children may outlive a stuck parent: take them too.
+            pkill -KILL -P "$pid" 2>/dev/null || true
+            kill -KILL "$pid" 2>/dev/null || true
+            for _ in $(seq 1 50); do
+                gone "$pid" && break
+                sleep 0.1
+            done
+        fi
+    fi
+    rm -f "$dir/$name.pid" "$dir/$name.started"
 }
 
 case "${1:-}" in

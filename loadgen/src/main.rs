@@ -84,6 +84,10 @@ fn main() -> ExitCode {
 /// next rate still runs, and the exit code says the worst that happened.
 fn measure_each_rate(mut args: RunArgs) -> ExitCode {
     let runs = args.each_run();
+    if runs.len() > 1 && args.json {
+        eprintln!("loadgen: --json prints one record; give --rate one rate with it (each run of a list writes its own record under --results)");
+        return ExitCode::from(2);
+    }
     let mut worst = ExitCode::SUCCESS;
     for (index, rate) in runs.iter().enumerate() {
         args.rate = *rate;

@@ -532,8 +532,17 @@ pub fn git_revision() -> Option<String> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
     let revision = run(&["rev-parse", "--short=12", "HEAD"])?;
-    let dirty =
-        run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    // results/ is excluded: every tagged run appends to results/summary.csv, which would mark
+    // every record after a sweep's first as dirty.
+    let dirty = run(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ":(top)",
+        ":(top,exclude)results",
+    ])
+    .is_some_and(|s| !s.is_empty());
     Some(if dirty {
         format!("{revision}-dirty")
     } else {

@@ -96,10 +96,14 @@ pub fn manifests(dir: &Path) -> anyhow::Result<Vec<Manifest>> {
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        let text = std::fs::read_to_string(&path)?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        found.push(manifest);
+        let read = std::fs::read_to_string(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| Ok(serde_json::from_str::<Manifest>(&text)?));
+        match read {
+            Ok(manifest) => found.push(manifest),
+            // One broken manifest must not block drawing the others.
+            Err(err) => eprintln!("loadgen plot: skipping {}: {err:#}", path.display()),
+        }
     }
     found.sort_by(|a, b| b.finished_at.cmp(&a.finished_at));
     Ok(found)

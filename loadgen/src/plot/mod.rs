@@ -332,7 +332,7 @@ fn draw(dir: &Path, tag: Option<&str>, dir_out: &Path) -> anyhow::Result<Vec<Pat
             .iter()
             .filter(|label| !(skip_direct && label.as_str() == Target::Direct.name()))
             .filter_map(|label| {
-                let point = at(series, label)?;
+                let point = at(series, label).filter(readme::served)?;
                 Some(Bar {
                     label: label.clone(),
                     value: f(&point),

@@ -167,11 +167,16 @@ const MEASURES: [Measure; 5] = [
     },
 ];
 
+/// Whether a point held sessions and moved messages (else its per-unit figures are empty).
+pub(super) fn served(point: &Point) -> bool {
+    point.established > 0.0 && point.msgs_per_s > 0.0
+}
+
 /// The share of the requested sessions a mode must hold to count as our best at that count.
 const HELD_SHARE: f64 = 0.99;
 
 fn number(value: f64) -> String {
-    if value >= 100.0 {
+    if value >= 100.0 || value == 0.0 {
         format!("{value:.0}")
     } else if value >= 10.0 {
         format!("{value:.1}")
@@ -219,6 +224,10 @@ pub(super) fn by_sessions(closed: &Series, open: &Series) -> String {
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         let cell = |value: Option<f64>, f: &dyn Fn(f64) -> String| value.map_or("–".to_owned(), f);
+        // Latency, memory and CPU per unit only where sessions were held and messages moved.
+        fn of(point: Option<&Point>) -> Option<&Point> {
+            point.filter(|p| served(p))
+        }
         for row in &rows {
             let is_direct = row.label == Target::Direct.name();
             let name = match (is_direct, style_of(row.label).peer) {
@@ -231,18 +240,23 @@ pub(super) fn by_sessions(closed: &Series, open: &Series) -> String {
                 "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 cell(row.held(), &|v| format!("{v:.0}")),
                 cell(row.closed.map(|p| p.msgs_per_s), &|v| format!("{v:.0}")),
-                cell(row.closed.map(|p| p.p99 / 1000.0), &|v| format!("{v:.2}")),
-                cell(row.open.map(|p| p.p99 / 1000.0), &|v| format!("{v:.2}")),
-                cell(row.open.map(|p| p.p999 / 1000.0), &|v| format!("{v:.2}")),
+                cell(of(row.closed).map(|p| p.p99 / 1000.0), &|v| format!(
+                    "{v:.2}"
+                )),
+                cell(of(row.open).map(|p| p.p99 / 1000.0), &|v| format!("{v:.2}")),
+                cell(of(row.open).map(|p| p.p999 / 1000.0), &|v| format!(
+                    "{v:.2}"
+                )),
                 cell(
-                    row.closed
-                        .or(row.open)
+                    of(row.closed.or(row.open))
                         .map(|p| p.rss_per_session)
                         .filter(|_| !is_direct),
                     &|v| format!("{v:.0} B")
                 ),
                 cell(
-                    row.open.map(|p| p.cpu_us_per_msg).filter(|_| !is_direct),
+                    of(row.open)
+                        .map(|p| p.cpu_us_per_msg)
+                        .filter(|_| !is_direct),
                     &|v| format!("{v:.1}")
                 ),
                 row.closed.map_or(0, |p| p.runs) + row.open.map_or(0, |p| p.runs),
@@ -283,6 +297,10 @@ pub(super) fn by_sessions(closed: &Series, open: &Series) -> String {
             let better = |a: f64, b: f64| if measure.higher { a > b } else { a < b };
             let measured = |row: &Row| -> Option<(f64, &'static str)> {
                 let point = (measure.point)(row)?;
+                // A point that held or served nothing has no latency, memory or CPU per unit.
+                if measure.name != "sessions held" && !served(point) {
+                    return None;
+                }
                 let value = (measure.value)(point);
                 value
                     .is_finite()
@@ -317,7 +335,12 @@ pub(super) fn by_sessions(closed: &Series, open: &Series) -> String {
                         } else {
                             value / best_value
                         };
-                        format!("{}{}{star} (×{ratio:.2})", number(value), measure.unit)
+                        let ratio = if ratio.is_finite() {
+                            format!("×{ratio:.2}")
+                        } else {
+                            "–".to_owned()
+                        };
+                        format!("{}{}{star} ({ratio})", number(value), measure.unit)
                     }
                     None => "–".to_owned(),
                 };
@@ -364,7 +387,7 @@ pub(super) fn report(
     let _ = writeln!(
         out,
         "Sweep `{}`: revision {}, {} ({} cores), Linux {}, host `{}`, {} … {}. Regenerate the runs \
-         with `scripts/c10k.sh` (about an hour with the other servers; `--quick` for a smaller \
+         with `scripts/c10k.sh` (about 50 minutes with the other servers; `--quick` for a smaller \
          matrix) and these charts and tables with `./target/release/loadgen plot`; \
          `loadgen plot --check` verifies they match the records.\n",
         sweep.tag,
@@ -515,6 +538,18 @@ mod tests {
             ),
             "{text}"
         );
+        // A peer that held nothing has no per-unit figures and no ratio.
+        closed.insert("dante".into(), vec![point(1000.0, 0.0, 0.0, 0.0, 0.0, 0.0)]);
+        let text = by_sessions(&closed, &open);
+        assert!(
+            text.contains("| sessions held | epoll 1000 | 0 (–) | 500 (×2.00) |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| RSS per idle session | epoll 1.00 KiB | – | 3.00 KiB (×3.00) |"),
+            "{text}"
+        );
+        closed.remove("dante");
         // Without peers there is nothing to compare.
         closed.remove("microsocks");
         open.remove("microsocks");
