@@ -33,10 +33,22 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Mode::Async)]
     mode: Mode,
 
-    /// Threads: tokio workers (async) or event loops (epoll, epoll-et) [default: number of
-    /// cores; 1 for select and poll]. Ignored by `threads`, which has one per session.
+    /// Threads: tokio workers (async) or event loops (epoll, epoll-et, uring: one ring each)
+    /// [default: number of cores; 1 for select and poll]. Ignored by `threads`, which has one
+    /// per session.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
+
+    /// `uring` mode: let each wait gather completions for up to this long (e.g. 20us, 50us)
+    /// before the loop runs them: fewer wake-ups per message, added latency up to the window.
+    /// Needs Linux 6.12 [default: 0, wake for every completion].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0")]
+    batch_window: Duration,
+
+    /// Internal (tests): direct descriptor slots per io_uring ring [default: the descriptor
+    /// limit].
+    #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u32).range(8..))]
+    uring_slots: Option<u32>,
 
     /// Stack size of each session thread in `threads` mode (e.g. 131072, 128k, 1m)
     /// [default: 128k; only touched pages cost memory].
@@ -154,7 +166,14 @@ fn start(args: Args) -> anyhow::Result<()> {
         threads: args.threads.map(usize::from),
         stack_size: args.stack_size,
         udp_advertise: args.udp_advertise,
+        batch_window: args.batch_window,
+        uring_slots: args.uring_slots,
     });
+    if args.mode == Mode::Uring {
+        modes::uring::probe(args.batch_window).map_err(|err| anyhow::anyhow!("--mode uring: {err}"))?;
+    } else if !args.batch_window.is_zero() {
+        bail!("--batch-window applies to --mode uring only");
+    }
     if let Some(size) = args.stack_size {
         if size < 32 * 1024 {
             bail!("--stack-size {size} is too small; use at least 32k");

@@ -35,6 +35,11 @@ pub struct Config {
     /// The address UDP ASSOCIATE replies advertise (behind NAT); `None`: the local address of
     /// the client's control connection.
     pub udp_advertise: Option<IpAddr>,
+    /// `uring` mode: how long a wait may hold completions back to gather a batch (zero: wake
+    /// for each).
+    pub batch_window: Duration,
+    /// `uring` mode: direct descriptor slots per ring; `None` means the descriptor limit.
+    pub uring_slots: Option<u32>,
 }
 
 impl Default for Config {
@@ -50,6 +55,8 @@ impl Default for Config {
             threads: None,
             stack_size: None,
             udp_advertise: None,
+            batch_window: Duration::ZERO,
+            uring_slots: None,
         }
     }
 }
@@ -128,10 +135,12 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("'{text}' is not a size (like 131072, 128k or 1m)"))
 }
 
-/// Parses a duration: seconds (`10`, `2.5`) or with a unit (`500ms`, `10s`, `2m`).
+/// Parses a duration: seconds (`10`, `2.5`) or with a unit (`50us`, `500ms`, `10s`, `2m`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+    let (number, scale) = if let Some(n) = text.strip_suffix("us").or(text.strip_suffix("µs")) {
+        (n, 0.000_001)
+    } else if let Some(n) = text.strip_suffix("ms") {
         (n, 0.001)
     } else if let Some(n) = text.strip_suffix('s') {
         (n, 1.0)
@@ -143,7 +152,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let value: f64 = number
         .trim()
         .parse()
-        .map_err(|_| format!("'{text}' is not a duration (like 10, 2.5s, 500ms or 2m)"))?;
+        .map_err(|_| format!("'{text}' is not a duration (like 10, 2.5s, 500ms, 50us or 2m)"))?;
     if !value.is_finite() || value < 0.0 || value * scale > 1e9 {
         return Err(format!("'{text}' is out of range"));
     }

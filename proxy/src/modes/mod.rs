@@ -8,9 +8,11 @@
 //! | `epoll` | event loops on level-triggered epoll |
 //! | `epoll-et` | event loops on edge-triggered epoll |
 //! | `async` | tokio tasks |
+//! | `uring` | io_uring completions, one ring per loop thread |
 //!
 //! Where each lives: `threads.rs`; `readiness/` (select, poll, epoll and epoll-et: one event
-//! loop over a `Poller` backend); `async_tokio/` (with BIND and UDP ASSOCIATE as children).
+//! loop over a `Poller` backend); `async_tokio/` (with BIND and UDP ASSOCIATE as children);
+//! `uring/` (completion-based; all its `unsafe` in `uring/sys.rs`).
 //! What every mode decides the same way (admission, dialing, resets, draining) is in
 //! `session.rs`.
 
@@ -25,6 +27,7 @@ pub mod async_tokio;
 pub mod readiness;
 pub mod session;
 pub mod threads;
+pub mod uring;
 
 use readiness::Backend;
 
@@ -43,17 +46,20 @@ pub enum Mode {
     EpollEt,
     /// One tokio task per session on a multi-threaded runtime.
     Async,
+    /// io_uring: multishot accept and receive, direct descriptors, one ring per --threads.
+    Uring,
 }
 
 impl Mode {
     /// Every mode, in the order the command line lists them.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::Threads,
         Mode::Select,
         Mode::Poll,
         Mode::Epoll,
         Mode::EpollEt,
         Mode::Async,
+        Mode::Uring,
     ];
 
     /// The name used on the command line and in the ready line.
@@ -65,6 +71,7 @@ impl Mode {
             Mode::Epoll => "epoll",
             Mode::EpollEt => "epoll-et",
             Mode::Async => "async",
+            Mode::Uring => "uring",
         }
     }
 
@@ -121,6 +128,7 @@ pub fn run(
         Mode::Poll => readiness::run(listener, &config, &shutdown, threads, Backend::Poll),
         Mode::Epoll => readiness::run(listener, &config, &shutdown, threads, Backend::Epoll),
         Mode::EpollEt => readiness::run(listener, &config, &shutdown, threads, Backend::EpollEt),
+        Mode::Uring => uring::run(listener, &config, &shutdown, threads),
     }
 }
 

@@ -45,6 +45,17 @@ macro_rules! per_mode {
     (@test $case:ident Epoll) => { #[test] fn epoll() { super::$case(proxy::Mode::Epoll) } };
     (@test $case:ident EpollEt) => { #[test] fn epoll_et() { super::$case(proxy::Mode::EpollEt) } };
     (@test $case:ident Async) => { #[test] fn async_tokio() { super::$case(proxy::Mode::Async) } };
+    (@test $case:ident Uring) => {
+        #[test]
+        fn uring() {
+            // Where the kernel has no usable io_uring, the mode exits 2 (tested in modes.rs).
+            if let Err(why) = proxy::modes::uring::probe(std::time::Duration::ZERO) {
+                eprintln!("skipped: {why}");
+                return;
+            }
+            super::$case(proxy::Mode::Uring)
+        }
+    };
     ($($case:ident),+ $(,)?) => {
         // A mode added to `Mode` fails to compile here until it gets its tests below.
         const _: fn(proxy::Mode) = |mode| match mode {
@@ -53,9 +64,10 @@ macro_rules! per_mode {
             | proxy::Mode::Poll
             | proxy::Mode::Epoll
             | proxy::Mode::EpollEt
-            | proxy::Mode::Async => {}
+            | proxy::Mode::Async
+            | proxy::Mode::Uring => {}
         };
-        per_mode!(only [Threads, Select, Poll, Epoll, EpollEt, Async]: $($case),+);
+        per_mode!(only [Threads, Select, Poll, Epoll, EpollEt, Async, Uring]: $($case),+);
     };
 }
 
@@ -394,20 +406,40 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// The socket inodes a process holds.
+/// The socket inodes a process holds: in its descriptor table, and in the direct
+/// descriptor tables of its io_uring rings (which /proc/PID/fd does not show; the ring's
+/// fdinfo lists them under `UserFiles:` as `   N: socket:[INODE]`).
 pub fn socket_inodes(pid: u32) -> std::collections::HashSet<u64> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Default::default();
-    };
-    dir.filter_map(|entry| {
-        let link = std::fs::read_link(entry.ok()?.path()).ok()?;
-        let link = link.to_str()?;
-        link.strip_prefix("socket:[")?
+    fn inode(text: &str) -> Option<u64> {
+        text.trim()
+            .strip_prefix("socket:[")?
             .strip_suffix(']')?
             .parse()
             .ok()
-    })
-    .collect()
+    }
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Default::default();
+    };
+    let mut inodes = std::collections::HashSet::new();
+    for entry in dir.flatten() {
+        let Ok(link) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let link = link.to_string_lossy();
+        if let Some(inode) = inode(&link) {
+            inodes.insert(inode);
+        } else if link == "anon_inode:[io_uring]" {
+            let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+            let info = std::fs::read_to_string(info).unwrap_or_default();
+            let direct = info
+                .lines()
+                .skip_while(|line| !line.starts_with("UserFiles:"))
+                .skip(1)
+                .take_while(|line| line.starts_with(' ') || line.starts_with('\t'));
+            inodes.extend(direct.filter_map(|line| inode(line.split_once(':')?.1)));
+        }
+    }
+    inodes
 }
 
 /// The rows of a /proc/net table (tcp, tcp6, unix), split into fields, header skipped.
