@@ -166,17 +166,22 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<Resources> {
     let sources = (0..sources_count)
         .map(|i| Ipv4Addr::new(127, 0, 0, 1 + i as u8))
         .collect();
-    let workers = if args.proxy.is_some() || args.mode == Target::Direct {
-        0
-    } else {
-        proxy_workers(conns, limit, args.workers)
+    let workers = match args.mode {
+        Target::Proxy(mode) if args.proxy.is_none() => {
+            let threads = args
+                .threads
+                .map_or_else(|| mode.default_threads(), usize::from);
+            let per_worker = mode.sessions_per_process(limit, threads).max(1);
+            proxy_workers(conns, limit, per_worker, args.workers)
+        }
+        _ => 0,
     };
     Ok(Resources { workers, sources })
 }
 
-/// Proxy workers for `conns` sessions at 2 descriptors each under `limit`, unless `asked`.
-fn proxy_workers(conns: u64, limit: u64, asked: Option<u16>) -> usize {
-    let per_worker = proxy::net::limits::sessions_for_descriptors(limit).max(1);
+/// Proxy workers for `conns` sessions at `per_worker` each (under the descriptor limit
+/// `limit`), unless `asked`.
+fn proxy_workers(conns: u64, limit: u64, per_worker: u64, asked: Option<u16>) -> usize {
     let required = conns.div_ceil(per_worker) as usize;
     match asked {
         Some(workers) if (workers as usize) < required => {
@@ -191,8 +196,8 @@ fn proxy_workers(conns: u64, limit: u64, asked: Option<u16>) -> usize {
         None => {
             if required > 1 {
                 eprintln!(
-                    "loadgen: {conns} sessions need 2 descriptors each in the proxy; one process \
-                     holds {per_worker} (limit {limit}), so the proxy runs with --workers {required}"
+                    "loadgen: one proxy process holds {per_worker} sessions (descriptor limit \
+                     {limit}), so {conns} sessions run with --workers {required}"
                 );
             }
             required

@@ -25,7 +25,7 @@ macro_rules! per_target {
             // A mode added to `Mode` fails to compile here until it gets its test below.
             const _: fn(Mode) = |mode| match mode {
                 Mode::Threads | Mode::Select | Mode::Poll | Mode::Epoll | Mode::EpollEt
-                | Mode::Async => {}
+                | Mode::Async | Mode::Uring => {}
             };
             #[test] fn direct() { super::$case("direct") }
             #[test] fn threads() { super::$case(Mode::Threads.name()) }
@@ -34,6 +34,7 @@ macro_rules! per_target {
             #[test] fn epoll() { super::$case(Mode::Epoll.name()) }
             #[test] fn epoll_et() { super::$case(Mode::EpollEt.name()) }
             #[test] fn async_tokio() { super::$case(Mode::Async.name()) }
+            #[test] fn uring() { super::$case(Mode::Uring.name()) }
         }
     )+};
 }

@@ -170,7 +170,8 @@ fn start(args: Args) -> anyhow::Result<()> {
         uring_slots: args.uring_slots,
     });
     if args.mode == Mode::Uring {
-        modes::uring::probe(args.batch_window).map_err(|err| anyhow::anyhow!("--mode uring: {err}"))?;
+        modes::uring::probe(args.batch_window)
+            .map_err(|err| anyhow::anyhow!("--mode uring: {err}"))?;
     } else if !args.batch_window.is_zero() {
         bail!("--batch-window applies to --mode uring only");
     }
@@ -209,23 +210,32 @@ fn start(args: Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     spawn_signal_handler(shutdown.clone())?;
 
+    let threads = config
+        .threads
+        .unwrap_or_else(|| args.mode.default_threads());
     tracing::info!(
         mode = %args.mode,
-        threads = config.threads.unwrap_or_else(|| args.mode.default_threads()),
+        threads,
         auth = config.users.as_ref().map_or(0, |u| u.len()),
-        "descriptor limit {descriptors} allows about {} sessions (2 descriptors each)",
-        limits::sessions_for_descriptors(descriptors)
+        "descriptor limit {descriptors} allows about {} sessions ({})",
+        args.mode.sessions_per_process(descriptors, threads),
+        if args.mode == Mode::Uring {
+            "in each ring's direct descriptor table, as large as the limit"
+        } else {
+            "2 descriptors each"
+        }
     );
-    {
+    let announce = || {
         let mut stdout = std::io::stdout().lock();
         writeln!(
             stdout,
             "{}",
             listener::ready_line(&[bound], Some(args.mode.name()))
         )?;
-        stdout.flush()?;
-    }
-    modes::run(listener, config, args.mode, shutdown).context("server failed")?;
+        stdout.flush()
+    };
+    modes::run_announced(listener, config, args.mode, shutdown, announce)
+        .context("server failed")?;
     tracing::info!("shut down cleanly");
     Ok(())
 }
@@ -235,12 +245,15 @@ fn supervise_workers(args: &Args, config: &Config, descriptors: u64) -> anyhow::
     let (_reservation, bound) = listener::reserve(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     warn_if_open(config, bound);
+    let threads = config
+        .threads
+        .unwrap_or_else(|| args.mode.default_threads());
+    let per_worker = args.mode.sessions_per_process(descriptors, threads);
     tracing::info!(
         mode = %args.mode,
         workers = args.workers,
-        "each worker's descriptor limit {descriptors} allows about {} sessions; {} in all",
-        limits::sessions_for_descriptors(descriptors),
-        limits::sessions_for_descriptors(descriptors) * u64::from(args.workers)
+        "each worker's descriptor limit {descriptors} allows about {per_worker} sessions; {} in all",
+        per_worker * u64::from(args.workers)
     );
     let worker_args = workers::worker_args(std::env::args_os().skip(1), bound);
     let clean = workers::supervise(usize::from(args.workers), bound, args.mode, worker_args)

@@ -1,4 +1,5 @@
-//! Mode-specific behaviour: select's FD_SETSIZE wall, and `--workers` processes.
+//! Mode-specific behaviour: select's FD_SETSIZE wall, uring's direct descriptors past the
+//! descriptor limit, and `--workers` processes.
 
 #[macro_use]
 mod common;
@@ -194,6 +195,81 @@ fn a_stack_size_below_the_minimum_exits_2() {
         .output()
         .expect("run");
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// Where io_uring cannot be used, `--mode uring` exits 2 with one line saying why, before any
+/// ready line; `--batch-window` belongs to uring alone.
+#[test]
+fn uring_unavailable_exits_2_with_one_line() {
+    let output = Command::new(proxy_binary())
+        .args(["--mode", "uring", "--listen", "127.0.0.1:0"])
+        .env(proxy::modes::uring::FORCE_UNAVAILABLE_ENV, "1")
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty(), "no ready line");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--mode uring: io_uring unavailable"),
+        "{stderr}"
+    );
+
+    let output = Command::new(proxy_binary())
+        .args(["--mode", "epoll", "--batch-window", "20us"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--mode uring only"), "{stderr}");
+}
+
+/// Direct descriptors do not count against RLIMIT_NOFILE: under a limit of 64 descriptors,
+/// which holds at most ~25 sessions in any other mode, one uring process with two rings
+/// holds and relays more than 32 (each ring's table may be as large as the limit), refuses
+/// the rest cleanly, and serves newcomers once sessions close; none is left open.
+#[test]
+fn uring_holds_more_sessions_than_the_descriptor_limit() {
+    if let Err(why) = proxy::modes::uring::probe(Duration::ZERO) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let echo = Target::echo("127.0.0.1:0");
+    let target = TargetAddr::Ip(echo.addr);
+    let mut command = Command::new("sh");
+    command.args([
+        "-c",
+        "ulimit -n 64 && exec \"$0\" --listen 127.0.0.1:0 --log-level error --mode uring --threads 2",
+        proxy_binary(),
+    ]);
+    let proxy = ProxyProcess::spawn(command);
+    let pid = proxy.child.id();
+    let mut established = Vec::new();
+    let mut refused = 0;
+    for _ in 0..80 {
+        match attempt_session(proxy.addr, &target).expect("an answer") {
+            Attempt::Established(stream) => established.push(stream),
+            Attempt::RefusedWithReply | Attempt::RefusedClosed => refused += 1,
+        }
+    }
+    let count = established.len();
+    assert!(count > 32, "only {count} sessions under a limit of 64");
+    assert!(refused > 0, "all 80 held: the tables were not limited");
+    for (i, stream) in established.iter_mut().enumerate() {
+        assert!(
+            echo_check(stream, format!("direct {i}").as_bytes()),
+            "session {i}"
+        );
+    }
+    assert_eq!(session_sockets(pid), 2 * count, "sockets held");
+    established.truncate(count - 10);
+    for i in 0..10 {
+        let mut stream = open_session_eventually(proxy.addr, echo.addr).expect("served again");
+        assert!(echo_check(&mut stream, b"after closes"), "newcomer {i}");
+        established.push(stream);
+    }
+    established.clear();
+    assert_eq!(wait_for_no_session_sockets(pid), 0, "sockets left open");
 }
 
 per_mode!(

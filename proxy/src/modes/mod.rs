@@ -84,6 +84,16 @@ impl Mode {
         }
     }
 
+    /// Sessions one process of this mode can hold under the descriptor limit `limit` with
+    /// `threads` threads: 2 descriptors a session, except in `uring`, whose sockets live in
+    /// each ring's direct table (as large as the limit allows, per ring).
+    pub fn sessions_per_process(self, limit: u64, threads: usize) -> u64 {
+        match self {
+            Mode::Uring => uring::sessions_for_limit(limit, threads.max(1)),
+            _ => crate::net::limits::sessions_for_descriptors(limit),
+        }
+    }
+
     /// Whether the mode supports BIND and UDP ASSOCIATE besides CONNECT (others reply 0x07).
     pub fn supports_bind_and_udp(self) -> bool {
         self == Mode::Async
@@ -104,6 +114,18 @@ pub fn run(
     mode: Mode,
     shutdown: Shutdown,
 ) -> io::Result<()> {
+    run_announced(listener, config, mode, shutdown, || Ok(()))
+}
+
+/// [`run`], calling `ready` once the mode is set up and about to serve (connections that come
+/// earlier wait in the listener's backlog): the moment to print a ready line.
+pub fn run_announced(
+    listener: TcpListener,
+    config: Arc<Config>,
+    mode: Mode,
+    shutdown: Shutdown,
+    ready: impl FnOnce() -> io::Result<()>,
+) -> io::Result<()> {
     let threads = config
         .threads
         .unwrap_or_else(|| mode.default_threads())
@@ -117,18 +139,35 @@ pub fn run(
                 .thread_name("proxy-worker")
                 .enable_all()
                 .build()?;
+            ready()?;
             runtime.block_on(async move {
                 listener.set_nonblocking(true)?;
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 async_tokio::serve(listener, config, shutdown).await
             })
         }
-        Mode::Threads => threads::run(listener, config, shutdown),
-        Mode::Select => readiness::run(listener, &config, &shutdown, threads, Backend::Select),
-        Mode::Poll => readiness::run(listener, &config, &shutdown, threads, Backend::Poll),
-        Mode::Epoll => readiness::run(listener, &config, &shutdown, threads, Backend::Epoll),
-        Mode::EpollEt => readiness::run(listener, &config, &shutdown, threads, Backend::EpollEt),
-        Mode::Uring => uring::run(listener, &config, &shutdown, threads),
+        Mode::Threads => {
+            ready()?;
+            threads::run(listener, config, shutdown)
+        }
+        Mode::Select => {
+            ready()?;
+            readiness::run(listener, &config, &shutdown, threads, Backend::Select)
+        }
+        Mode::Poll => {
+            ready()?;
+            readiness::run(listener, &config, &shutdown, threads, Backend::Poll)
+        }
+        Mode::Epoll => {
+            ready()?;
+            readiness::run(listener, &config, &shutdown, threads, Backend::Epoll)
+        }
+        Mode::EpollEt => {
+            ready()?;
+            readiness::run(listener, &config, &shutdown, threads, Backend::EpollEt)
+        }
+        // Its rings and buffers are made on their threads first, then `ready` is called.
+        Mode::Uring => uring::run(listener, &config, &shutdown, threads, ready),
     }
 }
 

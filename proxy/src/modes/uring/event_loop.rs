@@ -43,7 +43,9 @@ const SQ_ENTRIES: u32 = 1024;
 const HIGH_WATER: usize = 4;
 /// Direct slots kept free (at most), so that sessions being dialed can still install their
 /// target; an eighth of the table when that is less.
-const SLOT_RESERVE: u32 = 64;
+pub(super) const SLOT_RESERVE: u32 = 64;
+/// Direct slots per ring at most (the kernel's IORING_MAX_FIXED_FILES).
+pub(super) const MAX_SLOTS: u64 = 1 << 20;
 /// Completions one wait gathers at most, when a batch window is set.
 const BATCH: usize = 64;
 
@@ -99,7 +101,11 @@ fn token(op: Op, key: usize, id: u32) -> u64 {
 
 fn untoken(token: u64) -> Option<(Op, usize, u32)> {
     let op = Op::ALL.into_iter().find(|op| *op as u64 == token & 0xff)?;
-    Some((op, ((token >> 8) & 0xff_ffff) as usize, (token >> 32) as u32))
+    Some((
+        op,
+        ((token >> 8) & 0xff_ffff) as usize,
+        (token >> 32) as u32,
+    ))
 }
 
 const IGNORE: u64 = Op::Ignore as u64;
@@ -235,7 +241,8 @@ enum Accepting {
     Idle,
 }
 
-struct EventLoop<'a> {
+/// One thread's loop: its ring and its sessions.
+pub(super) struct EventLoop<'a> {
     ring: Ring,
     listener: Option<TcpListener>,
     /// Multishot accept (no client rules: the peer's address is not needed).
@@ -246,6 +253,8 @@ struct EventLoop<'a> {
     sessions: Slab<Session>,
     next_id: u32,
     slots_used: u32,
+    /// Whether this loop counts itself in `Shared::rings_with_room`.
+    has_room: bool,
     /// Receives that ended for want of buffers: (key, id, op), re-armed when buffers return.
     starved: Vec<(usize, u32, Op)>,
     timers: BinaryHeap<Reverse<(Instant, usize, u32, u32)>>,
@@ -258,47 +267,51 @@ struct EventLoop<'a> {
     shared: &'a Shared,
 }
 
-/// Runs one event loop on `listener` until shutdown and the grace period are over.
-pub(super) fn run(
-    listener: TcpListener,
-    config: &Config,
-    shutdown: &Shutdown,
-    shared: &Shared,
-) -> io::Result<()> {
-    let slots = config
-        .uring_slots
-        .map_or_else(|| limits::nofile_limit().min(1 << 20), u64::from)
-        .max(8) as u32;
-    let ring = Ring::new(SQ_ENTRIES, slots)?;
-    let waker = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
-    {
-        let waker = waker.clone();
-        shutdown.on_trigger(move || wake(&waker));
+impl<'a> EventLoop<'a> {
+    /// Sets up a loop on `listener`: its ring (on the calling thread, which must be the one
+    /// that serves), direct table and buffers.
+    pub(super) fn new(
+        listener: TcpListener,
+        config: &'a Config,
+        shutdown: &Shutdown,
+        shared: &'a Shared,
+    ) -> io::Result<Self> {
+        let slots = config
+            .uring_slots
+            .map_or_else(|| limits::nofile_limit().min(MAX_SLOTS), u64::from)
+            .max(8) as u32;
+        let ring = Ring::new(SQ_ENTRIES, slots)?;
+        let waker = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
+        {
+            let waker = waker.clone();
+            shutdown.on_trigger(move || wake(&waker));
+        }
+        let (resolved_tx, resolved_rx) = mpsc::channel();
+        let mut event_loop = EventLoop {
+            ring,
+            listener: Some(listener),
+            multishot: config.acl.allow_clients.is_empty(),
+            accepting: Accepting::Idle,
+            accept_generation: 0,
+            accept_paused_until: None,
+            sessions: Slab::new(),
+            next_id: 0,
+            slots_used: 0,
+            has_room: true,
+            starved: Vec::new(),
+            timers: BinaryHeap::new(),
+            next_ticket: 0,
+            resolved_tx,
+            resolved_rx,
+            waker,
+            epoch: Instant::now(),
+            config,
+            shared,
+        };
+        tracing::debug!("io_uring loop: {slots} direct slots");
+        event_loop.arm_wake()?;
+        Ok(event_loop)
     }
-    let (resolved_tx, resolved_rx) = mpsc::channel();
-    let mut event_loop = EventLoop {
-        ring,
-        listener: Some(listener),
-        multishot: config.acl.allow_clients.is_empty(),
-        accepting: Accepting::Idle,
-        accept_generation: 0,
-        accept_paused_until: None,
-        sessions: Slab::new(),
-        next_id: 0,
-        slots_used: 0,
-        starved: Vec::new(),
-        timers: BinaryHeap::new(),
-        next_ticket: 0,
-        resolved_tx,
-        resolved_rx,
-        waker,
-        epoch: Instant::now(),
-        config,
-        shared,
-    };
-    tracing::debug!("io_uring loop: {slots} direct slots");
-    event_loop.arm_wake()?;
-    event_loop.serve(shutdown)
 }
 
 fn wake(fd: &OwnedFd) {
@@ -311,7 +324,8 @@ fn errno(result: i32) -> io::Error {
 }
 
 impl EventLoop<'_> {
-    fn serve(&mut self, shutdown: &Shutdown) -> io::Result<()> {
+    /// Serves until shutdown and the grace period are over.
+    pub(super) fn serve(&mut self, shutdown: &Shutdown) -> io::Result<()> {
         let mut completions = Vec::with_capacity(1024);
         let mut grace_deadline: Option<Instant> = None;
         loop {
@@ -335,8 +349,7 @@ impl EventLoop<'_> {
             }
             self.sync_accept()?;
             let timeout = self.next_timeout(grace_deadline);
-            self.ring
-                .wait(timeout, self.config.batch_window, BATCH)?;
+            self.ring.wait(timeout, self.config.batch_window, BATCH)?;
             completions.clear();
             self.ring.reap(&mut completions);
             for completion in completions.drain(..) {
@@ -404,9 +417,22 @@ impl EventLoop<'_> {
         {
             self.accept_paused_until = None;
         }
-        // Accepting goes on when the table is nearly full: newcomers are then refused (closed)
-        // at once rather than left waiting in the backlog.
-        let wanted = self.listener.is_some() && self.accept_paused_until.is_none();
+        let has_room = self.room_for_a_target();
+        if has_room != self.has_room {
+            self.has_room = has_room;
+            let rings = &self.shared.rings_with_room;
+            if has_room {
+                rings.fetch_add(1, Ordering::Relaxed);
+            } else {
+                rings.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        // A full loop leaves newcomers to loops with room; when every loop is full, it
+        // accepts them to refuse them (close) at once rather than leave them waiting in the
+        // backlog.
+        let wanted = self.listener.is_some()
+            && self.accept_paused_until.is_none()
+            && (has_room || self.shared.rings_with_room.load(Ordering::Relaxed) == 0);
         match (wanted, self.accepting) {
             (true, Accepting::Idle) => {
                 let Some(listener) = &self.listener else {
@@ -522,7 +548,12 @@ impl EventLoop<'_> {
             return Ok(());
         };
         match op {
-            Op::Ignore => return Ok(()),
+            Op::Ignore => {
+                if completion.result < 0 {
+                    tracing::trace!("io_uring housekeeping: {}", errno(completion.result));
+                }
+                return Ok(());
+            }
             Op::Accept => return self.on_accept(completion, id),
             Op::Wake => return self.on_wake(),
             _ => {}
@@ -608,7 +639,8 @@ impl EventLoop<'_> {
                     self.ring.recycle(bid);
                 }
                 if n == -libc::ENOBUFS {
-                    self.starved.push((key, self.sessions[key].id, Op::HandshakeRecv));
+                    self.starved
+                        .push((key, self.sessions[key].id, Op::HandshakeRecv));
                     return Ok(());
                 }
                 if n < 0 {
@@ -645,7 +677,6 @@ impl EventLoop<'_> {
                 self.fail_request(key, Failure::CommandNotSupported)
             }
             Step::Request(request) => {
-                let pending = std::mem::take(&mut negotiation.out);
                 match request.target {
                     TargetAddr::Ip(addr) => {
                         negotiation.dialer = Some(Dialer::new(vec![addr]));
@@ -666,8 +697,9 @@ impl EventLoop<'_> {
                         );
                     }
                 }
-                debug_assert!(pending.is_empty(), "a request leaves no reply to send");
                 self.arm_timer(key, deadline);
+                // A pipelining client's method choice (and auth reply) go out meanwhile.
+                self.send_reply(key)?;
                 if self.negotiation(key).map(|n| n.step) == Some(NegotiationStep::Connecting) {
                     self.connect_next(key)?;
                 }
@@ -682,6 +714,10 @@ impl EventLoop<'_> {
         let Some(negotiation) = self.negotiation(key) else {
             return Ok(());
         };
+        if negotiation.replying {
+            // One send at a time: its completion sends what was queued since.
+            return Ok(());
+        }
         if negotiation.out.is_empty() {
             return self.after_reply(key);
         }
@@ -702,10 +738,6 @@ impl EventLoop<'_> {
         negotiation.step = NegotiationStep::Closing;
         negotiation.connecting = None;
         session::log_request_failed(negotiation.peer, None, failure);
-        if negotiation.replying {
-            // The reply in flight carries on; this one follows it.
-            return Ok(());
-        }
         self.send_reply(key)
     }
 
@@ -863,7 +895,9 @@ impl EventLoop<'_> {
             ));
             return self.fail_request(key, Failure::ResourceExhausted);
         };
-        let bound = negotiation.bound.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let bound = negotiation
+            .bound
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         match negotiation
             .handshake
             .request_granted(bound, &mut negotiation.out)
@@ -904,7 +938,9 @@ impl EventLoop<'_> {
             Some(idle) => self.arm_timer(key, Instant::now() + idle),
             None => self.sessions[key].timer_ticket = 0,
         }
-        self.session_op(key, Op::RecvUp, |ring, token| ring.recv_multi(client, token))?;
+        self.session_op(key, Op::RecvUp, |ring, token| {
+            ring.recv_multi(client, token)
+        })?;
         self.session_op(key, Op::RecvDown, |ring, token| {
             ring.recv_multi(target, token)
         })
@@ -956,8 +992,7 @@ impl EventLoop<'_> {
                 }
                 let direction = self.relay(key).map(|relay| relay.way(way));
                 if let Some(direction) = direction {
-                    if direction.held() >= HIGH_WATER && direction.receiving && !direction.pausing
-                    {
+                    if direction.held() >= HIGH_WATER && direction.receiving && !direction.pausing {
                         // Backpressure: the destination is behind; stop receiving.
                         direction.pausing = true;
                         let recv = token(way.recv_op(), key, id);
@@ -985,7 +1020,10 @@ impl EventLoop<'_> {
                     }
                     _ if n > 0 => Ok(()),
                     errno_value => {
-                        tracing::debug!("session ended: {}", io::Error::from_raw_os_error(errno_value));
+                        tracing::debug!(
+                            "session ended: {}",
+                            io::Error::from_raw_os_error(errno_value)
+                        );
                         let reset = errno_value == libc::ECONNRESET || errno_value == libc::EPIPE;
                         self.close(key, reset)
                     }
@@ -1086,8 +1124,7 @@ impl EventLoop<'_> {
             }
         }
         for (key, id, op) in std::mem::take(&mut self.starved) {
-            let Some(session) = self.sessions.get(key).filter(|s| s.id == id && !s.closing)
-            else {
+            let Some(session) = self.sessions.get(key).filter(|s| s.id == id && !s.closing) else {
                 continue;
             };
             let client = session.client;
@@ -1124,7 +1161,8 @@ impl EventLoop<'_> {
             match &mut session.phase {
                 Phase::Relaying(relay) => {
                     let idle = self.config.idle_timeout.unwrap_or_default();
-                    let quiet = Duration::from_millis(u64::from(clock.wrapping_sub(relay.last_activity)));
+                    let quiet =
+                        Duration::from_millis(u64::from(clock.wrapping_sub(relay.last_activity)));
                     if quiet >= idle {
                         tracing::debug!("idle timeout");
                         self.close(key, false)?;

@@ -16,6 +16,7 @@
 use std::io;
 use std::net::TcpListener;
 use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::config::Config;
@@ -23,6 +24,8 @@ use crate::shutdown::Shutdown;
 
 mod event_loop;
 mod sys;
+
+use event_loop::EventLoop;
 
 /// Set to `1` to make [`probe`] report io_uring as unavailable (to test that path).
 pub const FORCE_UNAVAILABLE_ENV: &str = "PROXY_URING_FORCE_UNAVAILABLE";
@@ -33,44 +36,80 @@ pub fn probe(batch_window: Duration) -> Result<(), String> {
     if std::env::var_os(FORCE_UNAVAILABLE_ENV).is_some_and(|v| v == "1") {
         return Err(format!("io_uring unavailable ({FORCE_UNAVAILABLE_ENV}=1)"));
     }
-    sys::probe(!batch_window.is_zero()).map_err(|err| format!("io_uring unavailable: {err}"))
+    // On a thread of its own: tearing down a ring can leave its thread a pending
+    // notification that interrupts that thread's next blocking call (EINTR).
+    let min_wait = !batch_window.is_zero();
+    std::thread::spawn(move || sys::probe(min_wait))
+        .join()
+        .unwrap_or_else(|_| Err("the probe panicked".into()))
+        .map_err(|err| format!("io_uring unavailable: {err}"))
+}
+
+/// Sessions one process can hold with `rings` rings when each ring's direct table is as
+/// large as the descriptor limit `limit` (the reserve kept for dialing subtracted).
+pub fn sessions_for_limit(limit: u64, rings: usize) -> u64 {
+    let slots = limit.min(event_loop::MAX_SLOTS);
+    let reserve = u64::from(event_loop::SLOT_RESERVE).min(slots / 8);
+    (slots.saturating_sub(reserve) / 2) * rings as u64
 }
 
 /// Shared between the loops of one process.
 struct Shared {
     /// Sessions open across all loops (for `--max-sessions`).
     sessions: AtomicUsize,
+    /// Loops whose direct table has room for another session: a full loop leaves accepting
+    /// to them, and refuses newcomers itself only when there is none.
+    rings_with_room: AtomicUsize,
 }
 
 /// Runs `threads` io_uring event loops sharing the listener until shutdown; the first loop
-/// to fail stops the others.
+/// to fail stops the others. `ready` is called once every loop has its ring and buffers (so
+/// that what is measured after it includes them).
 pub fn run(
     listener: TcpListener,
     config: &Config,
     shutdown: &Shutdown,
     threads: usize,
+    ready: impl FnOnce() -> io::Result<()>,
 ) -> io::Result<()> {
     let shared = Shared {
         sessions: AtomicUsize::new(0),
+        rings_with_room: AtomicUsize::new(threads),
     };
-    let run_one = |listener: TcpListener| {
-        let result = event_loop::run(listener, config, shutdown, &shared);
-        if let Err(err) = &result {
-            tracing::error!("io_uring event loop failed: {err}");
-            shutdown.trigger();
-        }
-        result
+    let failed = |err: io::Error| {
+        tracing::error!("io_uring event loop failed: {err}");
+        shutdown.trigger();
+        err
     };
+    let (set_up_tx, set_up_rx) = mpsc::channel::<bool>();
     std::thread::scope(|scope| {
         let mut others = Vec::new();
         for i in 1..threads {
             let listener = listener.try_clone()?;
+            let (set_up, shared) = (set_up_tx.clone(), &shared);
             let handle = std::thread::Builder::new()
                 .name(format!("proxy-ring-{i}"))
-                .spawn_scoped(scope, || run_one(listener))?;
+                .spawn_scoped(scope, move || {
+                    let event_loop = EventLoop::new(listener, config, shutdown, shared);
+                    let _ = set_up.send(event_loop.is_ok());
+                    event_loop
+                        .and_then(|mut event_loop| event_loop.serve(shutdown))
+                        .map_err(failed)
+                })?;
             others.push(handle);
         }
-        let mut result = run_one(listener);
+        let mut result =
+            EventLoop::new(listener, config, shutdown, &shared).and_then(|mut event_loop| {
+                let all_set_up = (1..threads).all(|_| set_up_rx.recv().unwrap_or(false));
+                if !all_set_up {
+                    return Err(io::Error::other("an io_uring event loop could not start"));
+                }
+                ready()?;
+                event_loop.serve(shutdown)
+            });
+        if let Err(err) = result {
+            result = Err(failed(err));
+        }
         for handle in others {
             let joined = handle
                 .join()

@@ -265,7 +265,10 @@ impl BufPool {
     }
 
     fn addr(&self, bid: u16, offset: usize) -> *const u8 {
-        assert!(bid < BUF_COUNT && offset <= BUF_LEN, "buffer {bid} offset {offset}");
+        assert!(
+            bid < BUF_COUNT && offset <= BUF_LEN,
+            "buffer {bid} offset {offset}"
+        );
         // SAFETY: inside the buffers mapping (checked above).
         unsafe { (self.buffers.addr as *const u8).add(usize::from(bid) * BUF_LEN + offset) }
     }
@@ -568,7 +571,10 @@ impl Drop for Ring {
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut completions = Vec::new();
         while self.in_flight > 0 && Instant::now() < deadline {
-            if self.wait(Some(Duration::from_millis(50)), Duration::ZERO, 1).is_err() {
+            if self
+                .wait(Some(Duration::from_millis(50)), Duration::ZERO, 1)
+                .is_err()
+            {
                 break;
             }
             completions.clear();
