@@ -66,6 +66,42 @@ impl Default for ProcessProbe {
     }
 }
 
+/// Context switches (voluntary + involuntary) of every thread of `root` and its descendants
+/// so far, from /proc/PID/task/*/status: how often the proxy's threads went to sleep or were
+/// preempted, i.e. its wake-ups. Threads that ended are not counted, so take it over a
+/// window in which the threads live (the measured window).
+pub fn context_switches(root: u32) -> u64 {
+    let mut pids = vec![root];
+    let mut total = 0;
+    let mut i = 0;
+    while i < pids.len() {
+        let pid = pids[i];
+        i += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+            total += status
+                .lines()
+                .filter_map(|line| {
+                    line.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                })
+                .filter_map(|value| value.trim().parse::<u64>().ok())
+                .sum::<u64>();
+            let children = std::fs::read_to_string(path.join("children")).unwrap_or_default();
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    total
+}
+
 /// This process's own CPU time (user + system) so far, in microseconds (getrusage).
 pub fn own_cpu_us() -> u64 {
     use nix::sys::resource::{getrusage, UsageWho};

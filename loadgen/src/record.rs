@@ -333,6 +333,13 @@ pub struct ProxyUsage {
     pub cpu_window_s: f64,
     /// CPU microseconds per round trip in the window.
     pub cpu_us_per_message: f64,
+    /// Context switches of the proxy's threads in the window (its wake-ups: each time a
+    /// thread slept and woke, or was preempted); absent in older records.
+    #[serde(default)]
+    pub context_switches_window: u64,
+    /// Context switches per round trip in the window.
+    #[serde(default)]
+    pub context_switches_per_message: f64,
 }
 
 /// Kernel TCP memory (not part of any RSS), from /proc/net/sockstat: machine-wide, so other
@@ -610,6 +617,11 @@ pub fn assemble(
         0.0
     } else {
         proxy.cpu_window_s * 1e6 / messages as f64
+    };
+    proxy.context_switches_per_message = if messages == 0 {
+        0.0
+    } else {
+        proxy.context_switches_window as f64 / messages as f64
     };
     let corrupted = shared.corrupted.load(Ordering::Relaxed);
     let dropped = lock(&shared.dropped).clone();

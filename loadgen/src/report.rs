@@ -270,8 +270,9 @@ pub fn print_summary(record: &Record) {
             p.processes
         );
         println!(
-            "  proxy CPU    {:.2} s in the ramp, {:.2} s in the window: {:.1} µs per message",
-            p.cpu_ramp_s, p.cpu_window_s, p.cpu_us_per_message
+            "  proxy CPU    {:.2} s in the ramp, {:.2} s in the window: {:.1} µs per message; \
+             {:.2} context switches (wake-ups) per message",
+            p.cpu_ramp_s, p.cpu_window_s, p.cpu_us_per_message, p.context_switches_per_message
         );
     }
     println!(

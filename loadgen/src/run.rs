@@ -160,6 +160,7 @@ pub async fn drive(
         shared.set_phase(Phase::Warmup);
         tokio::time::sleep(args.warmup).await;
         let window_start_usage = tree(&mut probe);
+        let switches_start = proxy_pid.map(probe::context_switches);
         let own_start = probe::own_cpu_us();
         let host_start = probe::host_cpu();
         shared.set_phase(Phase::Measure);
@@ -206,6 +207,10 @@ pub async fn drive(
         let own_end = probe::own_cpu_us();
         let host = probe::host_cpu().since(host_start, window.as_secs_f64());
         let window_end_usage = tree(&mut probe);
+        let switches_end = proxy_pid.map(probe::context_switches);
+        if let (Some(start), Some(end)) = (switches_start, switches_end) {
+            proxy_usage.context_switches_window = end.saturating_sub(start);
+        }
         proxy_usage.rss_peak = peak_rss.max(window_end_usage.rss_bytes);
         proxy_usage.cpu_window_s = window_end_usage
             .cpu_ms

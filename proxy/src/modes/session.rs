@@ -41,22 +41,8 @@ pub fn admit(config: &Config, peer: SocketAddr, open_sessions: usize) -> bool {
         tracing::info!(%peer, "client not allowed; closed");
         return false;
     }
-    within_session_cap(config, open_sessions, &peer)
-}
-
-/// [`admit`] for a mode that does not learn the client's address (a multishot accept):
-/// only valid without client rules, which it then refuses everyone under, to fail closed.
-pub fn admit_any_address(config: &Config, open_sessions: usize) -> bool {
-    if !config.acl.allow_clients.is_empty() {
-        tracing::error!("client rules need the client's address; closed");
-        return false;
-    }
-    within_session_cap(config, open_sessions, &"a client")
-}
-
-fn within_session_cap(config: &Config, open_sessions: usize, who: &dyn std::fmt::Display) -> bool {
     if config.max_sessions.is_some_and(|max| open_sessions >= max) {
-        OVER_MAX_SESSIONS.hit(&format_args!("closed {who}"));
+        OVER_MAX_SESSIONS.hit(&format_args!("closed {peer}"));
         return false;
     }
     true

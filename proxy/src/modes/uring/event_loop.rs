@@ -245,8 +245,6 @@ enum Accepting {
 pub(super) struct EventLoop<'a> {
     ring: Ring,
     listener: Option<TcpListener>,
-    /// Multishot accept (no client rules: the peer's address is not needed).
-    multishot: bool,
     accepting: Accepting,
     accept_generation: u32,
     accept_paused_until: Option<Instant>,
@@ -290,7 +288,6 @@ impl<'a> EventLoop<'a> {
         let mut event_loop = EventLoop {
             ring,
             listener: Some(listener),
-            multishot: config.acl.allow_clients.is_empty(),
             accepting: Accepting::Idle,
             accept_generation: 0,
             accept_paused_until: None,
@@ -440,11 +437,7 @@ impl EventLoop<'_> {
                 };
                 self.accept_generation = self.accept_generation.wrapping_add(1);
                 let token = token(Op::Accept, 0, self.accept_generation);
-                if self.multishot {
-                    self.ring.accept_multi(listener.as_raw_fd(), token)?;
-                } else {
-                    self.ring.accept_one(listener.as_raw_fd(), token)?;
-                }
+                self.ring.accept_one(listener.as_raw_fd(), token)?;
                 self.accepting = Accepting::Armed;
             }
             (false, Accepting::Armed) => {
@@ -493,10 +486,7 @@ impl EventLoop<'_> {
         let peer = completion.held.as_ref().and_then(|held| held.peer());
         let open = self.shared.sessions.load(Ordering::Relaxed);
         let admitted = self.listener.is_some()
-            && match peer {
-                Some(peer) => session::admit(self.config, peer, open),
-                None => self.multishot && session::admit_any_address(self.config, open),
-            };
+            && peer.is_some_and(|peer| session::admit(self.config, peer, open));
         if admitted && !self.room_for_a_target() {
             TABLE_FULL.hit(&format_args!(
                 "{} sessions open, {} of {} slots used",

@@ -2,13 +2,19 @@
 //!
 //! Where the readiness modes ask "which socket can I read?" and then read, this mode hands
 //! the kernel the reads and writes themselves and is told when they are done. Clients are
-//! accepted by a multishot accept straight into the ring's direct descriptor table, so a
+//! accepted straight into the ring's direct descriptor table, so a
 //! session's sockets never occupy the process's descriptor table (RLIMIT_NOFILE limits each
 //! ring's table, not their sum); established sessions receive with multishot receives into
 //! a provided-buffer ring shared by the ring's sessions (an idle session owns no buffer), and
 //! send straight from those buffers. The handshake is the same sans-IO state machine as every
 //! mode's; admission, dialing, timeouts and draining follow `modes::session`. Only CONNECT is
 //! served: BIND and UDP ASSOCIATE are answered 0x07, as in the readiness modes.
+//!
+//! Accepts are single-shot, deliberately: with several rings on one listener, a multishot
+//! accept keeps its place at the head of the listener's wait queue and took 9,969 of 10,000
+//! sessions into one ring here, while a single-shot accept re-queues behind the other rings'
+//! and spreads sessions across them (it also reports the client's address, which the client
+//! rules need).
 //!
 //! `event_loop.rs` is the loop and the session state machine; `sys.rs` holds all the
 //! `unsafe` (the ring and the memory the kernel uses while an operation runs).

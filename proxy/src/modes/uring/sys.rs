@@ -110,7 +110,7 @@ pub fn probe(min_wait: bool) -> Result<(), String> {
         .register_probe(&mut probe)
         .map_err(|err| format!("probing io_uring opcodes: {err}"))?;
     let needed = [
-        (opcode::AcceptMulti::CODE, "ACCEPT"),
+        (opcode::Accept::CODE, "ACCEPT"),
         (opcode::Recv::CODE, "RECV"),
         (opcode::Send::CODE, "SEND"),
         (opcode::PollAdd::CODE, "POLL_ADD"),
@@ -368,14 +368,6 @@ impl Ring {
             std::mem::forget(old);
         }
         Ok(())
-    }
-
-    /// Multishot accept on `listener` into direct slots the kernel picks.
-    pub fn accept_multi(&mut self, listener: RawFd, token: u64) -> io::Result<()> {
-        let entry = opcode::AcceptMulti::new(Fd(listener))
-            .allocate_file_index(true)
-            .build();
-        self.push(entry.user_data(token))
     }
 
     /// One accept on `listener` into a direct slot, with the client's address.
