@@ -505,15 +505,24 @@ impl Ring {
         batch_window: Duration,
         batch: usize,
     ) -> io::Result<()> {
-        let timespec =
-            io_uring::types::Timespec::from(timeout.unwrap_or(Duration::from_secs(3600)));
-        let mut args = SubmitArgs::new().timespec(&timespec);
-        let mut want = 1;
-        if !batch_window.is_zero() && timeout != Some(Duration::ZERO) {
-            args = args.min_wait_usec(batch_window.as_micros().min(u128::from(u32::MAX)) as u32);
-            want = batch;
-        }
-        match self.ring.submitter().submit_with_args(want, &args) {
+        let windowed = !batch_window.is_zero() && timeout != Some(Duration::ZERO);
+        let waited = match timeout {
+            // No deadline and no window: no timer to arm in the kernel.
+            None if !windowed => self.ring.submit_and_wait(1),
+            _ => {
+                let timespec =
+                    io_uring::types::Timespec::from(timeout.unwrap_or(Duration::from_secs(3600)));
+                let mut args = SubmitArgs::new().timespec(&timespec);
+                let mut want = 1;
+                if windowed {
+                    let window = batch_window.as_micros().min(u128::from(u32::MAX)) as u32;
+                    args = args.min_wait_usec(window);
+                    want = batch;
+                }
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+        };
+        match waited {
             Ok(_) => Ok(()),
             Err(err)
                 if matches!(
