@@ -563,6 +563,17 @@ impl EventLoop<'_> {
             if let Some(bid) = completion.buffer {
                 self.ring.recycle(bid);
             }
+            let way = match op {
+                Op::SendUp => Some(Way::Up),
+                Op::SendDown => Some(Way::Down),
+                _ => None,
+            };
+            if let (Some(way), Phase::Relaying(relay)) = (way, &mut session.phase) {
+                // The buffer it was sending from is the kernel's no more.
+                if let Some(chunk) = relay.way(way).sending.take() {
+                    self.ring.recycle(chunk.bid);
+                }
+            }
             if op == Op::Install {
                 if let Some(slot) = completion.held.as_ref().and_then(|h| h.installed_slot()) {
                     if completion.result == 1 {
@@ -726,7 +737,8 @@ impl EventLoop<'_> {
             .handshake
             .request_failed(failure, &mut negotiation.out);
         negotiation.step = NegotiationStep::Closing;
-        negotiation.connecting = None;
+        // A connect socket stays open until the poll or install on it has completed (an
+        // entry not yet submitted names it by number); the session's end closes it.
         session::log_request_failed(negotiation.peer, None, failure);
         self.send_reply(key)
     }
@@ -965,7 +977,10 @@ impl EventLoop<'_> {
         relay.last_activity = now;
         let direction = relay.way(way);
         if !completion.more {
+            // Ended, whatever asked it to: a pause in progress has nothing left to cancel,
+            // and the receive is armed again once the backlog is sent.
             direction.receiving = false;
+            direction.pausing = false;
         }
         match (completion.result, completion.buffer) {
             (n, Some(bid)) if n > 0 => {
@@ -991,7 +1006,10 @@ impl EventLoop<'_> {
                 }
                 Ok(())
             }
-            (0, _) => {
+            (0, bid) => {
+                if let Some(bid) = bid {
+                    self.ring.recycle(bid);
+                }
                 direction.eof = true;
                 self.pass_eof_if_drained(key, way)
             }
@@ -1032,9 +1050,11 @@ impl EventLoop<'_> {
     }
 
     fn on_sent(&mut self, key: usize, way: Way, completion: Completion) -> io::Result<()> {
+        let now = self.clock_ms();
         let Phase::Relaying(relay) = &mut self.sessions[key].phase else {
             return Ok(());
         };
+        relay.last_activity = now;
         let direction = relay.way(way);
         let Some(mut chunk) = direction.sending.take() else {
             return Ok(());
@@ -1196,16 +1216,17 @@ impl EventLoop<'_> {
         let mut buffers = Vec::new();
         match &mut session.phase {
             Phase::Negotiating(negotiation) => {
-                if let Some(stream) = negotiation.connecting.take() {
-                    // The poll on it ends with the cancel; the socket closes with the last
-                    // reference.
+                if negotiation.step == NegotiationStep::Connecting
+                    && negotiation.connecting.is_some()
+                {
+                    // The poll ends with the cancel; the socket closes with the session's
+                    // entry, after the poll's completion.
                     let poll = token(Op::ConnectPoll, key, session.id);
-                    drop(stream);
                     self.ring.cancel(poll, IGNORE)?;
                 }
             }
             Phase::Relaying(relay) => {
-                // The chunks being sent come back with their (cancelled) sends.
+                // The chunks being sent are recycled when their (cancelled) sends complete.
                 for direction in [&mut relay.up, &mut relay.down] {
                     buffers.extend(direction.waiting.drain(..).map(|chunk| chunk.bid));
                 }

@@ -102,7 +102,7 @@ pub struct Completion {
 /// Whether the kernel offers what the mode needs, tried on a small ring with the production
 /// flags; the error says what is missing.
 pub fn probe(min_wait: bool) -> Result<(), String> {
-    let ring = builder()
+    let mut ring = builder()
         .build(8)
         .map_err(|err| format!("io_uring_setup: {err}{}", disabled_hint()))?;
     let mut probe = io_uring::Probe::new();
@@ -129,8 +129,46 @@ pub fn probe(min_wait: bool) -> Result<(), String> {
     ring.submitter()
         .register_files_sparse(1)
         .map_err(|err| format!("registering a direct descriptor table: {err}"))?;
+    probe_socket_option(&mut ring)?;
     if min_wait && !ring.params().is_feature_min_timeout() {
         return Err("--batch-window needs io_uring's min-wait timeout (Linux 6.12)".into());
+    }
+    Ok(())
+}
+
+/// Sets SO_KEEPALIVE on a fresh socket through the ring: socket options by io_uring command
+/// (Linux 6.7), which the mode uses for TCP_NODELAY and for passing resets on (SO_LINGER).
+fn probe_socket_option(ring: &mut IoUring) -> Result<(), String> {
+    let socket = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .map_err(|err| format!("probing socket options: {err}"))?;
+    let entry = opcode::SetSockOpt::new(
+        Fd(std::os::fd::AsRawFd::as_raw_fd(&socket)),
+        libc::SOL_SOCKET as u32,
+        libc::SO_KEEPALIVE as u32,
+        &ONE as *const libc::c_int as *const libc::c_void,
+        std::mem::size_of::<libc::c_int>() as u32,
+    )
+    .build()
+    .user_data(1);
+    // SAFETY: the option value is a `static`; the socket outlives the wait below, which
+    // returns once the operation has completed.
+    unsafe { ring.submission().push(&entry) }
+        .map_err(|_| "probing socket options: the submission queue is full".to_string())?;
+    ring.submit_and_wait(1)
+        .map_err(|err| format!("probing socket options: {err}"))?;
+    let result = ring
+        .completion()
+        .next()
+        .map_or(-libc::EIO, |cqe| cqe.result());
+    if result < 0 {
+        return Err(format!(
+            "socket options through io_uring (Linux 6.7): {}",
+            io::Error::from_raw_os_error(-result)
+        ));
     }
     Ok(())
 }
@@ -359,6 +397,19 @@ impl Ring {
         }
     }
 
+    /// Submits what is queued if fewer than `entries` submission entries are free.
+    fn make_room(&mut self, entries: usize) -> io::Result<()> {
+        let free = {
+            let mut sq = self.ring.submission();
+            sq.sync();
+            sq.capacity() - sq.len()
+        };
+        if free < entries {
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+
     fn push_held(&mut self, entry: squeue::Entry, token: u64, held: Held) -> io::Result<()> {
         self.push(entry.user_data(token))?;
         if let Some(old) = self.held.insert(token, held) {
@@ -477,6 +528,9 @@ impl Ring {
     /// Ends every operation on direct `slot`, then closes it; with `reset`, the close sends
     /// RST rather than FIN. The steps are hard-linked: each runs whatever the last gave.
     pub fn close(&mut self, slot: u32, reset: bool, token: u64) -> io::Result<()> {
+        // A chain split across two submissions would not be a chain: the close could run
+        // before the cancel.
+        self.make_room(3)?;
         if reset {
             let linger = opcode::SetSockOpt::new(
                 Fixed(slot),
