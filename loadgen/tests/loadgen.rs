@@ -268,48 +268,90 @@ fn faulty_proxy(fault: Fault) -> SocketAddr {
 fn the_open_loop_schedule_is_kept_and_recorded() {
     let _machine = whole_machine();
     for arrivals in ["uniform", "poisson"] {
-        let dir = temp_dir(&format!("schedule-{arrivals}"));
-        let mut command = loadgen(&[
-            "--conns",
-            "200",
-            "--mode",
-            "direct",
-            "--rate",
-            "2000",
-            "--arrivals",
-            arrivals,
-            "--results",
-        ]);
-        command.arg(&dir);
-        let output = command.output().expect("run loadgen");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let record = the_record(&dir);
-        let harness = &record["harness"];
-        assert_eq!(harness["pacer"], "sleep");
-        assert_eq!(harness["arrivals"], arrivals);
-        let p90 = u(harness, &["lateness_us", "p90"]);
-        assert!(p90 <= 250, "{arrivals}: schedule lateness p90 {p90} µs");
-        let late = harness["late_share"].as_f64().expect("late share");
-        assert!(
-            late <= 0.25,
-            "{arrivals}: {late} of sends more than 50 µs late"
-        );
-        let offered = harness["offered_rate"].as_f64().expect("offered");
-        let dispatched = harness["dispatched_rate"].as_f64().expect("dispatched");
-        // Poisson gaps make a 1 s window's count vary by a few per cent.
-        let tolerance = if arrivals == "uniform" { 0.01 } else { 0.1 };
-        assert!(
-            (dispatched / offered - 1.0).abs() <= tolerance,
-            "{arrivals}: dispatched {dispatched} of {offered} offered"
-        );
-        assert!(u(&record, &["latency_us", "service", "count"]) > 0);
-        assert!(u(harness, &["control_sleep_late_us", "count"]) > 0);
-        let _ = std::fs::remove_dir_all(&dir);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match schedule_run(arrivals) {
+                Judged::Kept => break,
+                Judged::HostDisturbed(why) if attempt < HOST_DISTURBED_ATTEMPTS => {
+                    eprintln!("{arrivals}: attempt {attempt}: {why}; running it again");
+                }
+                Judged::HostDisturbed(why) => {
+                    // A pacer that is wrong on a quiet host (the old one was ~1 ms late at p50
+                    // with a punctual control sleeper) never gets here; a host that stalls
+                    // every attempt cannot tell.
+                    eprintln!(
+                        "{arrivals}: the host disturbed all {attempt} attempts ({why}); not judged"
+                    );
+                    break;
+                }
+            }
+        }
     }
+}
+
+/// How often a run whose schedule the host itself disturbed is repeated before the test gives
+/// up judging the pacer on this host.
+const HOST_DISTURBED_ATTEMPTS: usize = 3;
+
+/// What one schedule run says about the pacer.
+enum Judged {
+    Kept,
+    /// The schedule slipped while the host itself stalled (its control sleeper woke late or the
+    /// hypervisor stole time): the pacer cannot be judged from this run.
+    HostDisturbed(String),
+}
+
+fn schedule_run(arrivals: &str) -> Judged {
+    let dir = temp_dir(&format!("schedule-{arrivals}"));
+    let mut command = loadgen(&[
+        "--conns",
+        "200",
+        "--mode",
+        "direct",
+        "--rate",
+        "2000",
+        "--arrivals",
+        arrivals,
+        "--results",
+    ]);
+    command.arg(&dir);
+    let output = command.output().expect("run loadgen");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let record = the_record(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let harness = &record["harness"];
+    assert_eq!(harness["pacer"], "sleep");
+    assert_eq!(harness["arrivals"], arrivals);
+    assert!(u(&record, &["latency_us", "service", "count"]) > 0);
+    assert!(u(harness, &["control_sleep_late_us", "count"]) > 0);
+    let p90 = u(harness, &["lateness_us", "p90"]);
+    let late = harness["late_share"].as_f64().expect("late share");
+    let offered = harness["offered_rate"].as_f64().expect("offered");
+    let dispatched = harness["dispatched_rate"].as_f64().expect("dispatched");
+    // Poisson gaps make a 1 s window's count vary by a few per cent.
+    let tolerance = if arrivals == "uniform" { 0.01 } else { 0.1 };
+    let kept = p90 <= 250 && late <= 0.25 && (dispatched / offered - 1.0).abs() <= tolerance;
+    if kept {
+        return Judged::Kept;
+    }
+    let control_p99 = u(harness, &["control_sleep_late_us", "p99"]);
+    let steal = harness["host_steal_share"].as_f64().unwrap_or(0.0);
+    let what = format!(
+        "lateness p90 {p90} µs, {late:.3} of sends > 50 µs late, dispatched {dispatched} of \
+         {offered}; control sleeper p99 {control_p99} µs late, host steal {:.1} %",
+        steal * 100.0
+    );
+    // A 1 ms sleep waking more than 1 ms late at p99, or a hypervisor taking over 2 % of the
+    // CPU, is the host stalling, not the pacer.
+    if control_p99 > 1000 || steal > 0.02 {
+        return Judged::HostDisturbed(what);
+    }
+    panic!("{arrivals}: the schedule was not kept on a quiet host: {what}");
 }
 
 #[test]
