@@ -1,7 +1,8 @@
 //! The readiness modes: `select`, `poll`, `epoll` and `epoll-et`. One event loop
 //! (`event_loop.rs`) drives one state machine per session (`conn.rs`); the modes differ
 //! only in the [`Poller`] backend that waits (`select.rs`, `poll.rs`, `epoll.rs`, all behind
-//! the contract in `poller.rs`). The only `unsafe` code of the crate is in `sys.rs`.
+//! the contract in `poller.rs`). Their only `unsafe` code is in `sys.rs` (the crate's other
+//! `unsafe` module is `uring/sys.rs`).
 
 use std::io;
 use std::net::TcpListener;

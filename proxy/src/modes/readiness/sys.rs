@@ -1,5 +1,5 @@
-//! The crate's only `unsafe` code: select(2) and poll(2) over descriptors the event loop has
-//! registered by number.
+//! The readiness modes' only `unsafe` code: select(2) and poll(2) over descriptors the event
+//! loop has registered by number. (The crate's other `unsafe` module is `modes/uring/sys.rs`.)
 //!
 //! rustix marks these calls unsafe for I/O safety (the descriptors are named by number, not
 //! borrowed), not for memory safety: the kernel only reads the sets and writes the result
