@@ -39,9 +39,9 @@ struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
 
-    /// `uring` mode: let each wait gather completions for up to this long (e.g. 20us, 50us)
-    /// before the loop runs them: fewer wake-ups per message, added latency up to the window.
-    /// Needs Linux 6.12 [default: 0, wake for every completion].
+    /// `uring` mode: let each wait gather completions for up to this long (e.g. 250us, 1ms)
+    /// before the loop runs them: fewer wake-ups per message, added latency up to the window;
+    /// 0 wakes for every completion. Needs Linux 6.12.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0")]
     batch_window: Duration,
 

@@ -14,6 +14,9 @@ const RESOLVER_THREADS: usize = 4;
 /// What the pool calls with a lookup's outcome.
 pub type ResolveCallback = Box<dyn FnOnce(io::Result<Vec<SocketAddr>>) + Send>;
 
+/// A resolution for an event loop's session: its slab key, its id, and the addresses.
+pub type Resolved = (usize, u32, io::Result<Vec<SocketAddr>>);
+
 struct Job {
     name: String,
     port: u16,
@@ -46,6 +49,28 @@ impl Resolver {
                 jobs: Mutex::new(jobs),
             }
         })
+    }
+
+    /// Resolves `name:port` for the session `(key, id)` of an event loop: sends the result
+    /// on `reply` (the loop checks the id, so a reused slab entry ignores it), then `wake`s
+    /// the loop.
+    pub fn resolve_for_session(
+        &self,
+        name: &str,
+        port: u16,
+        session: (usize, u32),
+        reply: Sender<Resolved>,
+        wake: impl Fn() + Send + 'static,
+    ) {
+        let (key, id) = session;
+        self.resolve(
+            name,
+            port,
+            Box::new(move |result| {
+                let _ = reply.send((key, id, result));
+                wake();
+            }),
+        );
     }
 
     /// Resolves `name:port` on the pool and calls `done` with the addresses, in the order

@@ -239,16 +239,13 @@ pub(super) fn negotiate(
                             }
                             TargetAddr::Domain(name, port) => {
                                 negotiation.step = NegotiationStep::Resolving;
-                                let reply = ctx.resolved_tx.clone();
                                 let waker = ctx.waker.clone();
-                                let id = session.id;
-                                Resolver::global().resolve(
+                                Resolver::global().resolve_for_session(
                                     &name,
                                     port,
-                                    Box::new(move |result| {
-                                        let _ = reply.send((key, id, result));
-                                        wake(&waker);
-                                    }),
+                                    (key, session.id),
+                                    ctx.resolved_tx.clone(),
+                                    move || wake(&waker),
                                 );
                             }
                         }

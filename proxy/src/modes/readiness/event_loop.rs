@@ -30,6 +30,7 @@ use super::poller::{Event, Interest, Poller, Token};
 use crate::config::Config;
 use crate::modes::session::{self, Dialer, EXHAUSTION_BACKOFF};
 use crate::net::limits;
+use crate::net::resolver::Resolved;
 use crate::relay::{self, ReadUntil, SCRATCH_SIZE};
 use crate::shutdown::Shutdown;
 use crate::socks5::{Failure, Handshake};
@@ -53,7 +54,7 @@ pub(super) struct Context<'a> {
     pub(super) scratch: Box<[u8]>,
     pub(super) timers: BinaryHeap<Reverse<(Instant, usize, u32, u32)>>,
     pub(super) next_ticket: u32,
-    pub(super) resolved_tx: Sender<(usize, u32, io::Result<Vec<SocketAddr>>)>,
+    pub(super) resolved_tx: Sender<Resolved>,
     /// The origin of `Relay::last_activity`.
     pub(super) epoch: Instant,
     pub(super) waker: Arc<OwnedFd>,
@@ -139,7 +140,7 @@ struct EventLoop<'a, P: Poller> {
     sessions: Slab<Session>,
     next_id: u32,
     again: Vec<(usize, u32)>,
-    resolved_rx: Receiver<(usize, u32, io::Result<Vec<SocketAddr>>)>,
+    resolved_rx: Receiver<Resolved>,
     shared: &'a Shared,
     ctx: Context<'a>,
 }

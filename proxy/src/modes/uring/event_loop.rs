@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::modes::session::{self, Dialer, EXHAUSTION_BACKOFF};
 use crate::net::connect;
 use crate::net::limits;
-use crate::net::resolver::Resolver;
+use crate::net::resolver::{Resolved, Resolver};
 use crate::net::BurstLog;
 use crate::shutdown::Shutdown;
 use crate::socks5::{Command, Failure, Handshake, Step, TargetAddr};
@@ -77,6 +77,7 @@ enum Op {
     SendDown,
 }
 
+#[cfg(test)]
 impl Op {
     const ALL: [Op; 12] = [
         Op::Accept,
@@ -100,7 +101,21 @@ fn token(op: Op, key: usize, id: u32) -> u64 {
 }
 
 fn untoken(token: u64) -> Option<(Op, usize, u32)> {
-    let op = Op::ALL.into_iter().find(|op| *op as u64 == token & 0xff)?;
+    let op = match token & 0xff {
+        1 => Op::Accept,
+        2 => Op::Wake,
+        3 => Op::Ignore,
+        4 => Op::HandshakeRecv,
+        5 => Op::ReplySend,
+        6 => Op::ConnectPoll,
+        7 => Op::Install,
+        8 => Op::LeftoverSend,
+        9 => Op::RecvUp,
+        10 => Op::RecvDown,
+        11 => Op::SendUp,
+        12 => Op::SendDown,
+        _ => return None,
+    };
     Some((
         op,
         ((token >> 8) & 0xff_ffff) as usize,
@@ -257,8 +272,8 @@ pub(super) struct EventLoop<'a> {
     starved: Vec<(usize, u32, Op)>,
     timers: BinaryHeap<Reverse<(Instant, usize, u32, u32)>>,
     next_ticket: u32,
-    resolved_tx: Sender<(usize, u32, io::Result<Vec<SocketAddr>>)>,
-    resolved_rx: Receiver<(usize, u32, io::Result<Vec<SocketAddr>>)>,
+    resolved_tx: Sender<Resolved>,
+    resolved_rx: Receiver<Resolved>,
     waker: Arc<OwnedFd>,
     epoch: Instant,
     config: &'a Config,
@@ -685,16 +700,13 @@ impl EventLoop<'_> {
                     }
                     TargetAddr::Domain(name, port) => {
                         negotiation.step = NegotiationStep::Resolving;
-                        let reply = self.resolved_tx.clone();
                         let waker = self.waker.clone();
-                        let id = self.sessions[key].id;
-                        Resolver::global().resolve(
+                        Resolver::global().resolve_for_session(
                             &name,
                             port,
-                            Box::new(move |result| {
-                                let _ = reply.send((key, id, result));
-                                wake(&waker);
-                            }),
+                            (key, self.sessions[key].id),
+                            self.resolved_tx.clone(),
+                            move || wake(&waker),
                         );
                     }
                 }

@@ -218,8 +218,18 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Leaves the memory mapped for good (the kernel may still use it).
+    fn forget(&mut self) {
+        self.len = 0;
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
         // SAFETY: the mapping was created by `Mapping::new` with this length, and the ring
         // drops it only once the kernel no longer uses it (see `Ring`'s drop).
         unsafe { libc::munmap(self.addr, self.len) };
@@ -600,7 +610,13 @@ impl Ring {
                 None
             } else {
                 self.in_flight -= 1;
-                self.held.remove(&token)
+                // Only handshakes, installs and accepts hold memory: a relay's completions
+                // skip the lookup.
+                if self.held.is_empty() {
+                    None
+                } else {
+                    self.held.remove(&token)
+                }
             };
             let buffer = cqueue::buffer_select(flags);
             if buffer.is_some() {
@@ -641,22 +657,8 @@ impl Drop for Ring {
                 self.in_flight
             );
             std::mem::forget(std::mem::take(&mut self.held));
-            let pool = std::mem::replace(
-                &mut self.pool.buffers,
-                Mapping {
-                    addr: std::ptr::null_mut(),
-                    len: 0,
-                },
-            );
-            std::mem::forget(pool);
-            let entries = std::mem::replace(
-                &mut self.pool.entries,
-                Mapping {
-                    addr: std::ptr::null_mut(),
-                    len: 0,
-                },
-            );
-            std::mem::forget(entries);
+            self.pool.buffers.forget();
+            self.pool.entries.forget();
         }
     }
 }
