@@ -2,12 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::builder::PossibleValue;
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy::config::parse_duration;
 use proxy::Mode;
+
+use crate::segment::Segment;
 
 /// Opens N concurrent SOCKS5 sessions through a proxy to a loopback echo target and measures
 /// throughput, latency (HdrHistogram), and the proxy's memory and CPU.
@@ -41,6 +43,20 @@ pub enum Sub {
         /// Runtime threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+    },
+    /// Merge the records of one run's agents (`--segment I/K`, on one host or many) into one
+    /// record: histograms added, counters summed, rates over the common window. Refuses
+    /// missing, duplicate or non-overlapping segments.
+    Merge {
+        /// The agents' records (JSON), one per segment.
+        #[arg(required = true)]
+        records: Vec<PathBuf>,
+        /// Directory the merged record goes to (runs/, with its .hgrm and a summary.csv row).
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Print the merged record on stdout instead of writing it.
+        #[arg(long)]
+        json: bool,
     },
     /// Print every --mode value, one a line: `direct`, then the proxy's modes (for scripts).
     Modes,
@@ -273,6 +289,54 @@ pub struct RunArgs {
     /// Print the record as JSON on stdout (implies --quiet).
     #[arg(long)]
     pub json: bool,
+
+    /// Run as this many agent processes, each holding its share of --conns under the
+    /// descriptor limit, with one merged record [default: as many as the limit requires].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub agents: Option<u32>,
+
+    /// Run only segment I of K (0-based) of the --conns sessions: sessions
+    /// ⌊N·I/K⌋..⌊N·(I+1)/K⌋, with the same share of --rate and --ramp-rate. Agents of one run
+    /// share --start-at; `loadgen merge` joins their records.
+    #[arg(long, value_name = "I/K", default_value = "0/1")]
+    pub segment: Segment,
+
+    /// Start the ramp at this absolute time (RFC 3339, e.g. 2026-12-04T03:00:00.5Z, or Unix
+    /// seconds), and every later phase at a fixed offset from it, so agents on several
+    /// processes or hosts measure the same window. Their clocks must agree (chrony/PTP).
+    #[arg(long, value_name = "TIME", value_parser = parse_start_at)]
+    pub start_at: Option<SystemTime>,
+
+    /// Internal (agents): the echo target's addresses, started by the parent.
+    #[arg(long = "echo", hide = true, value_delimiter = ',')]
+    pub echo: Vec<SocketAddr>,
+
+    /// Internal (agents): processes whose memory this agent records as the echo target's.
+    #[arg(long = "echo-pid", hide = true, value_delimiter = ',')]
+    pub echo_pids: Vec<u32>,
+
+    /// Internal (agents): report progress as status lines on stderr for the parent.
+    #[arg(long, hide = true)]
+    pub agent_status: bool,
+}
+
+/// The share of one core that all agents of a run together may spend polling before their
+/// sends (each thread's margin is capped at its slice of its gap).
+pub const AGENTS_POLL_BUDGET: f64 = 0.25;
+
+/// An absolute start time: RFC 3339, or Unix seconds (fractions allowed).
+pub fn parse_start_at(text: &str) -> Result<SystemTime, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        if seconds.is_finite() && seconds >= 0.0 {
+            return Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(seconds));
+        }
+    }
+    humantime::parse_rfc3339(text).map_err(|err| {
+        format!(
+            "{text:?} is not a time (RFC 3339 like 2026-12-04T03:00:00Z, or Unix seconds): {err}"
+        )
+    })
 }
 
 /// One offered rate: messages per second, positive and finite.
@@ -315,12 +379,27 @@ impl RunArgs {
         self.rate.map(|rate| crate::pacer::PacerConfig {
             kind: self.pacer,
             arrivals: self.arrivals,
-            rate,
+            rate: self.segment.scale(rate, self.conns as usize),
             threads: usize::from(self.pacer_threads),
             size: self.size as usize,
             io_timeout: self.io_timeout,
-            seed: self.seed,
+            // Each agent's Poisson stream must be its own, not a copy of agent 0's.
+            seed: self
+                .seed
+                .wrapping_add(u64::from(self.segment.index).wrapping_mul(1 << 20)),
+            phase: self.segment.phase(),
+            poll_share: if self.segment.is_split() {
+                AGENTS_POLL_BUDGET
+                    / (f64::from(self.segment.count) * f64::from(self.pacer_threads.max(1)))
+            } else {
+                f64::INFINITY
+            },
         })
+    }
+
+    /// The ramp rate of this agent's share of the sessions.
+    pub fn segment_ramp_rate(&self) -> f64 {
+        self.segment.scale(self.ramp_rate, self.conns as usize)
     }
 
     /// The username and password of `--auth`.

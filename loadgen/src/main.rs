@@ -6,15 +6,18 @@
 //! `measure`, sampled by `probe`) → `record` (the JSON record) → `report` (summary, .hgrm,
 //! summary.csv). `plot` draws the charts from stored records; `echo` is the echo target.
 
+mod agents;
 mod cli;
 mod echo;
 mod measure;
+mod merge;
 mod pacer;
 mod plot;
 mod probe;
 mod record;
 mod report;
 mod run;
+mod segment;
 mod stack;
 mod workload;
 
@@ -75,8 +78,48 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Some(Sub::Merge {
+            records,
+            results,
+            json,
+        }) => match merge_records(&records, &results, json) {
+            Ok(code) => code,
+            Err(err) => {
+                eprintln!("loadgen merge: {err:#}");
+                ExitCode::from(2)
+            }
+        },
         None => measure_each_rate(args.run),
     }
+}
+
+/// `loadgen merge`: one record from the agents' records; 0 if the merged run succeeded.
+fn merge_records(
+    paths: &[std::path::PathBuf],
+    results: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let merged = merge::merge_files(paths)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&merged)?);
+    } else {
+        let (_, stamp) = record::utc_now();
+        let path = record::write(results, &stamp, &merged)?;
+        report::write_hgrms(&path, &record::histograms(&merged)?)?;
+        report::append_summary(results, &merged, &path)?;
+        report::print_summary(&merged);
+        eprintln!(
+            "loadgen merge: {} segments merged into {}",
+            merged.config.segments.len(),
+            path.display()
+        );
+    }
+    Ok(if merged.outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("loadgen merge: the merged run failed: {}", merged.outcome);
+        ExitCode::from(1)
+    })
 }
 
 /// One measured run per offered rate of `--rate` (or one closed-loop run). Stops at the first
@@ -116,22 +159,42 @@ fn measure_each_rate(mut args: RunArgs) -> ExitCode {
 fn measure_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let resources = stack::plan(args)?;
     let auth = args.credentials()?;
+    if resources.agents > 1 {
+        return agents::run(args, &resources);
+    }
+    // A shared start that has passed is refused before anything starts.
+    let timeline = args
+        .start_at
+        .map(|start| run::Timeline::new(start, args))
+        .transpose()?;
     let mut stack = stack::Stack::start(args, &resources)?;
+    let ids = args.segment.ids(args.conns as usize);
     if !args.is_quiet() {
+        let echo: Vec<String> = stack.echo.iter().map(|e| e.pid().to_string()).collect();
         eprintln!(
-            "loadgen: {}: {} sessions, echo pid {}{}",
+            "loadgen: {}: {} sessions{}, echo pid {}{}",
             stack.label,
-            args.conns,
-            stack.echo.pid(),
+            ids.len(),
+            if args.segment.is_split() {
+                format!(" (segment {} of {})", args.segment, args.conns)
+            } else {
+                String::new()
+            },
+            if echo.is_empty() {
+                "given".to_owned()
+            } else {
+                echo.join(",")
+            },
             stack
                 .proxy_pid
                 .map_or(String::new(), |p| format!(", proxy pid {p}"))
         );
     }
     let plan = Arc::new(Plan {
-        conns: args.conns as usize,
+        conns: ids.len(),
+        first_id: ids.start,
         proxy: stack.proxy_addr,
-        echo: stack.echo.addrs.clone(),
+        echo: stack.echo_addrs.clone(),
         sources: resources.sources.clone(),
         auth,
         size: args.size as usize,
@@ -143,7 +206,14 @@ fn measure_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let (started_at, stamp) = record::utc_now();
-    let Ok(mut measured) = runtime.block_on(run::drive(args, plan.clone(), stack.proxy_pid)) else {
+    let echo_pids = stack.echo_pids(args);
+    let Ok(mut measured) = runtime.block_on(run::drive(
+        args,
+        plan.clone(),
+        stack.proxy_pid,
+        echo_pids,
+        timeline,
+    )) else {
         eprintln!("loadgen: interrupted; stopping the echo target and the proxy");
         drop(stack);
         return Ok(ExitCode::from(130));

@@ -73,6 +73,15 @@ pub struct PacerConfig {
     pub io_timeout: Duration,
     /// Seed of the Poisson schedule (thread i uses seed + i).
     pub seed: u64,
+    /// The share of the gap between its sends a thread may spend polling before a send (its
+    /// margin is capped at this × the gap): unlimited for one process; for an agent, a slice
+    /// of a common budget, because K agents polling on one host would take its cores from the
+    /// server under test and make every wake-up later still.
+    pub poll_share: f64,
+
+    /// Where this agent's schedule starts within one gap, as a fraction of it
+    /// ([`Segment::phase`](crate::segment::Segment::phase)): agents interleave their sends.
+    pub phase: f64,
 }
 
 /// What one pacer thread measured.
@@ -254,7 +263,7 @@ impl Schedule {
         let rate = config.rate * sessions as f64 / total.max(1) as f64;
         let gap_ns = 1e9 / rate.max(1e-9);
         // Threads interleave their evenly spaced sends rather than send together.
-        let offset = gap_ns * index as f64 / config.threads.max(1) as f64;
+        let offset = gap_ns * (index as f64 + config.phase) / config.threads.max(1) as f64;
         let poisson = (config.arrivals == Arrivals::Poisson).then(|| {
             let rng = SmallRng::seed_from_u64(config.seed.wrapping_add(index as u64));
             (
@@ -282,24 +291,27 @@ impl Schedule {
 }
 
 /// How early the thread wakes before a send: a running mean and mean deviation of how late
-/// its timer fired, mean + 4 deviations, within [5 µs, 2 ms]. On a machine whose wake-ups are
-/// late by more than the gap between sends (this 2-core VM: ~40–140 µs), the pacer ends up
-/// polling most of the time to keep the schedule; the record says how much it slept.
+/// its timer fired, mean + 4 deviations, within [5 µs, `cap`] (2 ms, or less for an agent:
+/// see [`PacerConfig::poll_share`]). On a machine whose wake-ups are late by more than the
+/// gap between sends (this 2-core VM: ~40–140 µs), the pacer ends up polling most of the
+/// time to keep the schedule; the record says how much it slept.
 struct Margin {
     mean: f64,
     deviation: f64,
+    cap: f64,
 }
 
 impl Margin {
-    fn new() -> Self {
+    fn new(cap_ns: f64) -> Self {
         Margin {
             mean: 20_000.0,
             deviation: 10_000.0,
+            cap: cap_ns.clamp(5_000.0, 2_000_000.0),
         }
     }
 
     fn ns(&self) -> u64 {
-        (self.mean + 4.0 * self.deviation).clamp(5_000.0, 2_000_000.0) as u64
+        (self.mean + 4.0 * self.deviation).clamp(5_000.0, self.cap) as u64
     }
 
     fn observe(&mut self, late_ns: u64) {
@@ -439,7 +451,7 @@ impl<'a> Pacer<'a> {
         let total = self.shared.established.load(Ordering::Acquire) as usize;
         let start = self.shared.warmup_started_ns.load(Ordering::Acquire);
         let mut schedule = Schedule::new(self.config, index, self.sessions.len(), total, start);
-        let mut margin = Margin::new();
+        let mut margin = Margin::new(schedule.gap_ns * self.config.poll_share);
         let mut events = Vec::with_capacity(256);
         let mut next_sweep = now_ns() + TIMEOUT_SWEEP_NS;
         let mut was_measuring = false;
@@ -809,7 +821,34 @@ mod tests {
             size: 16,
             io_timeout: Duration::from_secs(1),
             seed: 7,
+            phase: 0.0,
+            poll_share: f64::INFINITY,
         }
+    }
+
+    #[test]
+    fn agents_interleave_their_schedules() {
+        // Two agents of one 10,000 msg/s run, one pacer thread each: 5,000 msg/s apiece,
+        // agent 1 half a gap after agent 0, so together they send every 100 µs.
+        let agent = |index: u32| {
+            let segment = crate::segment::Segment { index, count: 2 };
+            PacerConfig {
+                rate: segment.scale(10_000.0, 100),
+                threads: 1,
+                phase: segment.phase(),
+                ..config(Arrivals::Uniform)
+            }
+        };
+        let mut zero = Schedule::new(&agent(0), 0, 50, 50, 0);
+        let mut one = Schedule::new(&agent(1), 0, 50, 50, 0);
+        let mut sends = Vec::new();
+        for _ in 0..3 {
+            sends.push(zero.due());
+            sends.push(one.due());
+            zero.advance();
+            one.advance();
+        }
+        assert_eq!(sends, [0, 100_000, 200_000, 300_000, 400_000, 500_000]);
     }
 
     #[test]
@@ -845,7 +884,7 @@ mod tests {
 
     #[test]
     fn the_margin_follows_how_late_the_timer_wakes() {
-        let mut margin = Margin::new();
+        let mut margin = Margin::new(f64::INFINITY);
         for _ in 0..200 {
             margin.observe(3_000);
         }
@@ -854,5 +893,11 @@ mod tests {
             margin.observe(400_000);
         }
         assert!(margin.ns() >= 400_000, "{}", margin.ns());
+        // An agent among several polls at most its share of the gap, however late it wakes.
+        let mut capped = Margin::new(25_000.0);
+        for _ in 0..200 {
+            capped.observe(400_000);
+        }
+        assert_eq!(capped.ns(), 25_000);
     }
 }

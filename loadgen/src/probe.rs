@@ -113,6 +113,27 @@ pub fn own_cpu_us() -> u64 {
     })
 }
 
+/// This process's resident set size now, bytes (/proc/self/statm; 0 where unreadable).
+pub fn own_rss() -> u64 {
+    let text = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    pages * rustix::param::page_size() as u64
+}
+
+/// Kernel slab memory now, bytes (`Slab:` of /proc/meminfo; 0 where unreadable).
+pub fn kernel_slab() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix("Slab:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// Kernel TCP memory from /proc/net/sockstat: (sockets in use, memory in bytes).
 pub fn kernel_tcp() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();

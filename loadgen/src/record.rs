@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::RunArgs;
 use crate::measure::lock;
 use crate::run::Measured;
+use crate::segment::Segment;
 use crate::stack::Resources;
 use crate::workload::Plan;
 
@@ -95,10 +96,11 @@ impl fmt::Display for Cause {
 }
 
 /// How a run ended. Stored in the JSON as text: `ok`, or why the run failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "String", from = "String")]
 pub enum Outcome {
     /// Every established session kept its bytes, and the proxy lived.
+    #[default]
     Ok,
     /// This many echoes differed from what was sent.
     Corrupted(u64),
@@ -153,7 +155,7 @@ impl From<String> for Outcome {
 }
 
 /// The machine a run happened on.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Host {
     /// Host name.
     pub hostname: String,
@@ -185,7 +187,7 @@ impl Host {
 }
 
 /// How the run was configured.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunConfig {
     /// Proxy mode, `direct`, or `external`.
     pub mode: String,
@@ -228,6 +230,16 @@ pub struct RunConfig {
     /// The external server measured (`--proxy`), as its starter described it.
     #[serde(default)]
     pub external: Option<ExternalServer>,
+    /// An agent's record: which segment of the `conns` sessions it ran (null for a whole run
+    /// and for a merged record).
+    #[serde(default)]
+    pub segment: Option<Segment>,
+    /// A merged record: the agents' records it was made from, by segment.
+    #[serde(default)]
+    pub segments: Vec<SegmentSource>,
+    /// The shared start (--start-at), RFC 3339, if the run had one.
+    #[serde(default)]
+    pub start_at: Option<String>,
 }
 
 /// An external SOCKS5 server's identity, as given on the command line.
@@ -282,7 +294,7 @@ impl Percentiles {
 }
 
 /// Session counts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Sessions {
     /// Asked for.
     pub requested: usize,
@@ -297,7 +309,7 @@ pub struct Sessions {
 }
 
 /// Message throughput in the measured window.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Messages {
     /// Round trips completed in the window.
     pub count: u64,
@@ -310,6 +322,12 @@ pub struct Messages {
     pub bytes_per_second: f64,
     /// Echoes that differed from what was sent (must be 0).
     pub corrupted: u64,
+    /// The window's start on the wall clock, Unix seconds (agents' windows are matched by it).
+    #[serde(default)]
+    pub window_start_unix_s: f64,
+    /// The window's end on the wall clock, Unix seconds.
+    #[serde(default)]
+    pub window_end_unix_s: f64,
 }
 
 /// The proxy's resources (its process and every descendant).
@@ -357,6 +375,69 @@ pub struct KernelUsage {
     pub tcp_mem_peak: u64,
     /// TCP sockets in use with every session idle.
     pub tcp_sockets_idle: u64,
+    /// Kernel slab memory before any session, bytes (/proc/meminfo `Slab`): where socket,
+    /// inode and epoll structures live (sockstat's TCP memory counts only buffers).
+    #[serde(default)]
+    pub slab_before: u64,
+    /// Kernel slab memory with every session idle, bytes.
+    #[serde(default)]
+    pub slab_idle: u64,
+}
+
+/// The memory of loadgen's and the echo target's processes (the proxy's is in `proxy`, the
+/// kernel's in `kernel`), so a session's cost can be counted with everything included.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HostMemory {
+    /// loadgen processes summed (agents).
+    pub loadgen_processes: usize,
+    /// Their RSS before any session, bytes.
+    pub loadgen_rss_before: u64,
+    /// Their RSS with every session idle, bytes.
+    pub loadgen_rss_idle: u64,
+    /// Echo target processes summed.
+    pub echo_processes: usize,
+    /// Their RSS before any session, bytes.
+    pub echo_rss_before: u64,
+    /// Their RSS with every session idle, bytes.
+    pub echo_rss_idle: u64,
+    /// What one idle session added, everything included: the growth of the proxy's,
+    /// loadgen's and the echo target's RSS and of the kernel's TCP buffers and slab (sockets,
+    /// inodes, epoll items), over `established`. Kernel figures are host-wide.
+    pub bytes_per_session_idle: f64,
+}
+
+impl HostMemory {
+    /// Fills `bytes_per_session_idle` from the record's other sections.
+    pub fn account(&mut self, proxy: &ProxyUsage, kernel: &KernelUsage, established: u64) {
+        let grew = |before: u64, idle: u64| idle.saturating_sub(before) as f64;
+        let total = grew(self.loadgen_rss_before, self.loadgen_rss_idle)
+            + grew(self.echo_rss_before, self.echo_rss_idle)
+            + grew(proxy.rss_before, proxy.rss_idle)
+            + grew(kernel.tcp_mem_before, kernel.tcp_mem_idle)
+            + grew(kernel.slab_before, kernel.slab_idle);
+        self.bytes_per_session_idle = if established == 0 {
+            0.0
+        } else {
+            total / established as f64
+        };
+    }
+}
+
+/// Where a merged record's sessions were run: one agent's record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SegmentSource {
+    /// The agent's segment.
+    pub segment: Segment,
+    /// Its record file, as given to `merge` (or written by the parent).
+    pub record: String,
+    /// The host it ran on.
+    pub hostname: String,
+    /// Its sessions established.
+    pub established: u64,
+    /// Its measured window on the wall clock, Unix seconds.
+    pub window_start_unix_s: f64,
+    /// The end of that window.
+    pub window_end_unix_s: f64,
 }
 
 /// loadgen's own cost.
@@ -369,7 +450,7 @@ pub struct LoadgenUsage {
 }
 
 /// Latencies, microseconds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latencies {
     /// Connect start → CONNECT reply.
     pub handshake: Percentiles,
@@ -468,7 +549,7 @@ pub struct EncodedHistograms {
 }
 
 /// Everything about one run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Record {
     /// [`SCHEMA_VERSION`].
     pub schema_version: u32,
@@ -490,6 +571,9 @@ pub struct Record {
     pub proxy: ProxyUsage,
     /// Kernel memory.
     pub kernel: KernelUsage,
+    /// loadgen's and the echo target's memory, and a session's cost everything included.
+    #[serde(default)]
+    pub memory: HostMemory,
     /// loadgen's own cost.
     pub loadgen: LoadgenUsage,
     /// How far the instrument was off (absent from schema 1 records).
@@ -664,9 +748,9 @@ pub fn assemble(
                 args.mode.name().to_owned()
             },
             label: label.to_owned(),
-            conns: plan.conns,
+            conns: args.conns as usize,
             workers: resources.workers,
-            threads: args.threads.map(usize::from),
+            threads: resources.proxy_threads,
             size: plan.size,
             rate: plan.rate,
             duration_s: args.duration.as_secs_f64(),
@@ -685,6 +769,11 @@ pub fn assemble(
                 started_with: args.proxy_started_with.clone(),
                 pid: args.proxy_pid,
             }),
+            segment: args.segment.is_split().then_some(args.segment),
+            segments: Vec::new(),
+            start_at: args
+                .start_at
+                .map(|t| humantime::format_rfc3339_nanos(t).to_string()),
         },
         sessions: Sessions {
             requested: plan.conns,
@@ -699,11 +788,18 @@ pub fn assemble(
             per_second: per_window(messages as f64),
             bytes_per_second: per_window((messages * plan.size as u64) as f64),
             corrupted,
+            window_start_unix_s: unix_seconds(measured.window_wall.0),
+            window_end_unix_s: unix_seconds(measured.window_wall.1),
         },
         latency_us: Latencies {
             handshake: Percentiles::of(&handshake),
             rtt: Percentiles::of(&rtt),
             service: plan.rate.map(|_| Percentiles::of(&service)),
+        },
+        memory: {
+            let mut memory = measured.memory.clone();
+            memory.account(&proxy, &kernel, established);
+            memory
         },
         proxy,
         kernel,
@@ -721,6 +817,12 @@ pub fn assemble(
                 .transpose()?,
         },
     })
+}
+
+/// Seconds since the Unix epoch (0 before it).
+pub fn unix_seconds(time: std::time::SystemTime) -> f64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The instrument's self-check of one run.
@@ -753,6 +855,8 @@ fn harness(
         ..Harness::default()
     };
     if let (Some(offered), Some(report)) = (plan.rate, &measured.pacer) {
+        // An agent offers its segment's share of the run's rate.
+        let offered = args.segment.scale(offered, args.conns as usize);
         let lateness = Percentiles::of(&report.lateness);
         harness.pacer = Some(args.pacer.name().to_owned());
         harness.arrivals = Some(args.arrivals.name().to_owned());
@@ -828,6 +932,12 @@ fn harness(
         harness.limited_by.push(format!(
             "loadgen held {:.2} cores ({:.2} of them busy, the rest polling before sends)",
             harness.loadgen_cores, harness.loadgen_busy_cores
+        ));
+    }
+    if let Some(late) = measured.schedule_overrun {
+        harness.limited_by.push(format!(
+            "the ramp ended {:.3} s after the shared schedule's idle point (--start-at): the idle sample came late",
+            late.as_secs_f64()
         ));
     }
     harness.limited = !harness.limited_by.is_empty();

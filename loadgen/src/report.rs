@@ -276,12 +276,43 @@ pub fn print_summary(record: &Record) {
         );
     }
     println!(
-        "  kernel TCP   {:.0} KiB before, {:.0} KiB idle, {:.0} KiB peak ({} sockets idle)",
+        "  kernel TCP   {:.0} KiB before, {:.0} KiB idle, {:.0} KiB peak ({} sockets idle); slab {:+.0} KiB idle",
         kib(record.kernel.tcp_mem_before as f64),
         kib(record.kernel.tcp_mem_idle as f64),
         kib(record.kernel.tcp_mem_peak as f64),
-        record.kernel.tcp_sockets_idle
+        record.kernel.tcp_sockets_idle,
+        kib(record.kernel.slab_idle as f64 - record.kernel.slab_before as f64)
     );
+    let memory = &record.memory;
+    if memory.loadgen_processes > 0 {
+        println!(
+            "  memory       loadgen +{:.0} KiB ({} processes), echo +{:.0} KiB ({} processes): {:.0} B per idle session everything included (proxy, kernel TCP, loadgen, echo)",
+            kib(memory.loadgen_rss_idle.saturating_sub(memory.loadgen_rss_before) as f64),
+            memory.loadgen_processes,
+            kib(memory.echo_rss_idle.saturating_sub(memory.echo_rss_before) as f64),
+            memory.echo_processes,
+            memory.bytes_per_session_idle
+        );
+    }
+    if !record.config.segments.is_empty() {
+        let skew = record
+            .config
+            .segments
+            .iter()
+            .map(|s| s.window_start_unix_s)
+            .fold(f64::MIN, f64::max)
+            - record
+                .config
+                .segments
+                .iter()
+                .map(|s| s.window_start_unix_s)
+                .fold(f64::MAX, f64::min);
+        println!(
+            "  agents       {} segments merged; their windows started within {:.1} ms of each other",
+            record.config.segments.len(),
+            skew * 1e3
+        );
+    }
     println!(
         "  loadgen CPU  {:.2} s in the window{}",
         record.loadgen.cpu_window_s,

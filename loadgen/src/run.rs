@@ -3,18 +3,20 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::cli::RunArgs;
 use hdrhistogram::Histogram;
 
+use crate::agents::status;
 use crate::measure::{histogram, lock, Phase, Shared};
 use crate::pacer::{self, PacerReport, Pacers};
 use crate::probe::{self, ProcessProbe};
-use crate::record::{KernelUsage, ProxyUsage};
+use crate::record::{HostMemory, KernelUsage, ProxyUsage};
 use crate::workload::{self, Plan};
 
 /// The run was interrupted by Ctrl-C or SIGTERM.
@@ -40,6 +42,63 @@ pub struct Measured {
     pub control: Histogram<u64>,
     /// The whole machine's CPU in the window, and what the hypervisor took.
     pub host: probe::HostCpuShare,
+    /// The window's start and end on the wall clock (agents' windows are compared by it).
+    pub window_wall: (SystemTime, SystemTime),
+    /// On a shared schedule (--start-at): how far the ramp ran past the idle point.
+    pub schedule_overrun: Option<Duration>,
+    /// loadgen's and the echo target's memory.
+    pub memory: HostMemory,
+}
+
+/// How long the ramp may take on a shared schedule, beyond sessions ÷ ramp rate: a quarter
+/// more, plus this.
+const RAMP_SLACK: Duration = Duration::from_secs(2);
+
+/// How often an agent reports its progress to the parent.
+const STATUS_EVERY: Duration = Duration::from_millis(250);
+
+/// The phases of a run on absolute times (--start-at): every agent of a run, on any host,
+/// ramps, idles, warms up and measures at the same instants.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    /// When the ramp starts.
+    pub ramp_start: Instant,
+    /// When every agent's ramp must be done (its sessions are then held idle).
+    pub idle_start: Instant,
+    /// When the warm-up starts.
+    pub warmup_start: Instant,
+    /// CLOCK_MONOTONIC nanoseconds of `warmup_start`: the pacers' schedule origin.
+    pub warmup_mono_ns: u64,
+    /// When the measured window starts.
+    pub window_start: Instant,
+}
+
+impl Timeline {
+    /// The phases of a run of `args` starting at `start` on the wall clock; an error if that
+    /// has passed.
+    pub fn new(start: SystemTime, args: &RunArgs) -> anyhow::Result<Timeline> {
+        let now_wall = SystemTime::now();
+        let now = Instant::now();
+        let now_mono = crate::pacer::now_ns();
+        let ahead = start.duration_since(now_wall).map_err(|late| {
+            anyhow::anyhow!(
+                "--start-at is {:.3} s in the past: agents must be started before it",
+                late.duration().as_secs_f64()
+            )
+        })?;
+        let ramp = Duration::from_secs_f64(args.conns as f64 / args.ramp_rate.max(1e-3));
+        let ramp_budget = ramp.mul_f64(1.25) + RAMP_SLACK;
+        let ramp_start = now + ahead;
+        let idle_start = ramp_start + ramp_budget;
+        let warmup_start = idle_start + args.idle_hold;
+        Ok(Timeline {
+            ramp_start,
+            idle_start,
+            warmup_start,
+            warmup_mono_ns: now_mono + (ahead + ramp_budget + args.idle_hold).as_nanos() as u64,
+            window_start: warmup_start + args.warmup,
+        })
+    }
 }
 
 async fn interrupted() {
@@ -62,6 +121,8 @@ pub async fn drive(
     args: &RunArgs,
     plan: Arc<Plan>,
     proxy_pid: Option<u32>,
+    echo_pids: Vec<u32>,
+    timeline: Option<Timeline>,
 ) -> Result<Measured, Interrupted> {
     let quiet = args.is_quiet();
     let shared = Shared::new();
@@ -74,6 +135,14 @@ pub async fn drive(
     proxy_usage.rss_before = before.rss_bytes;
     proxy_usage.processes = before.processes;
     kernel.tcp_mem_before = probe::kernel_tcp().1;
+    kernel.slab_before = probe::kernel_slab();
+    let mut memory = HostMemory {
+        loadgen_processes: 1,
+        loadgen_rss_before: probe::own_rss(),
+        echo_processes: echo_pids.len(),
+        echo_rss_before: echo_pids.iter().map(|&pid| probe.tree(pid).rss_bytes).sum(),
+        ..HostMemory::default()
+    };
     // Kernel TCP memory is machine-wide and moves on its own: the peak is the highest of every
     // sample, before and idle included, so it can never read below them.
     let mut peak_tcp = kernel.tcp_mem_before;
@@ -108,10 +177,15 @@ pub async fn drive(
         let ramp_start = tree(&mut probe);
         let dials = Arc::new(Semaphore::new(args.max_dials.max(1)));
         let mut sessions = JoinSet::new();
-        let start = tokio::time::Instant::now();
-        let spacing = Duration::from_secs_f64(1.0 / args.ramp_rate.max(1.0));
-        for id in 0..plan.conns {
-            tokio::time::sleep_until(start + spacing * id as u32).await;
+        if let Some(timeline) = &timeline {
+            tokio::time::sleep_until(timeline.ramp_start).await;
+        }
+        let start = Instant::now();
+        let spacing = Duration::from_secs_f64(1.0 / args.segment_ramp_rate().max(1e-3));
+        let mut last_status = start;
+        for local in 0..plan.conns {
+            let id = plan.first_id + local;
+            tokio::time::sleep_until(start + spacing.mul_f64(local as f64)).await;
             let Ok(permit) = dials.clone().acquire_owned().await else {
                 break;
             };
@@ -122,17 +196,34 @@ pub async fn drive(
                 permit,
                 inlet.clone(),
             ));
-            if id % 64 == 0 {
+            if local % 64 == 0 {
                 bar.set_position(shared.dialed.load(Ordering::Relaxed));
                 bar.set_message(format!("{} failed", shared.failed()));
+                if args.agent_status && last_status.elapsed() >= STATUS_EVERY {
+                    last_status = Instant::now();
+                    status::emit(&shared, Phase::Ramp);
+                }
             }
         }
         while (shared.dialed.load(Ordering::Relaxed) as usize) < plan.conns {
             tokio::time::sleep(Duration::from_millis(50)).await;
             bar.set_position(shared.dialed.load(Ordering::Relaxed));
             bar.set_message(format!("{} failed", shared.failed()));
+            if args.agent_status && last_status.elapsed() >= STATUS_EVERY {
+                last_status = Instant::now();
+                status::emit(&shared, Phase::Ramp);
+            }
         }
         bar.finish_and_clear();
+        if args.agent_status {
+            status::emit(&shared, Phase::Idle);
+        }
+        // On a shared schedule, a ramp that ends after the idle point shifts this agent's
+        // idle sample (the window itself still starts on time): the record says by how much.
+        let overrun = timeline
+            .as_ref()
+            .map(|t| Instant::now().saturating_duration_since(t.idle_start))
+            .filter(|late| !late.is_zero());
         let ramp_end = tree(&mut probe);
         proxy_usage.cpu_ramp_s = ramp_end.cpu_ms.saturating_sub(ramp_start.cpu_ms) as f64 / 1000.0;
         if !quiet {
@@ -146,25 +237,44 @@ pub async fn drive(
         }
 
         // Idle hold: memory with every session open and quiet.
+        if let Some(timeline) = &timeline {
+            tokio::time::sleep_until(timeline.idle_start).await;
+        }
         shared.set_phase(Phase::Idle);
-        tokio::time::sleep(args.idle_hold).await;
+        match &timeline {
+            Some(timeline) => tokio::time::sleep_until(timeline.warmup_start).await,
+            None => tokio::time::sleep(args.idle_hold).await,
+        }
         let idle = tree(&mut probe);
         proxy_usage.rss_idle = idle.rss_bytes;
         proxy_usage.processes = idle.processes;
         let (sockets, mem) = probe::kernel_tcp();
         kernel.tcp_mem_idle = mem;
         kernel.tcp_sockets_idle = sockets;
+        kernel.slab_idle = probe::kernel_slab();
         peak_tcp = peak_tcp.max(mem);
+        memory.loadgen_rss_idle = probe::own_rss();
+        memory.echo_rss_idle = echo_pids.iter().map(|&pid| probe.tree(pid).rss_bytes).sum();
 
         // Warm-up, then the measured window, with a status line every second.
+        if let Some(timeline) = &timeline {
+            // Every agent's pacers start their schedule at the same instant, exactly.
+            shared
+                .warmup_started_ns
+                .store(timeline.warmup_mono_ns, Ordering::Release);
+        }
         shared.set_phase(Phase::Warmup);
-        tokio::time::sleep(args.warmup).await;
+        match &timeline {
+            Some(timeline) => tokio::time::sleep_until(timeline.window_start).await,
+            None => tokio::time::sleep(args.warmup).await,
+        }
         let window_start_usage = tree(&mut probe);
         let switches_start = proxy_pid.map(probe::context_switches);
         let own_start = probe::own_cpu_us();
         let host_start = probe::host_cpu();
         shared.set_phase(Phase::Measure);
-        let window_start = tokio::time::Instant::now();
+        let window_start = Instant::now();
+        let window_start_wall = std::time::SystemTime::now();
         let mut peak_rss = window_start_usage.rss_bytes;
         peak_tcp = peak_tcp.max(probe::kernel_tcp().1);
         let mut last_messages = shared.messages_total.load(Ordering::Relaxed);
@@ -175,6 +285,11 @@ pub async fn drive(
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = tokio::time::sleep(left) => break,
+            }
+            // A sample near the end would run past it (reading every process takes
+            // milliseconds) and lengthen this agent's window against the others'.
+            if args.duration.saturating_sub(window_start.elapsed()) < Duration::from_millis(200) {
+                continue;
             }
             let usage = tree(&mut probe);
             peak_rss = peak_rss.max(usage.rss_bytes);
@@ -200,8 +315,12 @@ pub async fn drive(
                 );
             }
             last_messages = total;
+            if args.agent_status {
+                status::emit(&shared, Phase::Measure);
+            }
         }
         let window = window_start.elapsed();
+        let window_wall = (window_start_wall, std::time::SystemTime::now());
         // The window ends for everyone at once: pacers stop counting now.
         shared.set_phase(Phase::Stop);
         let own_end = probe::own_cpu_us();
@@ -225,7 +344,13 @@ pub async fn drive(
         if drained.is_err() {
             sessions.abort_all();
         }
-        (window, own_end.saturating_sub(own_start) as f64 / 1e6, host)
+        (
+            window,
+            window_wall,
+            own_end.saturating_sub(own_start) as f64 / 1e6,
+            host,
+            overrun,
+        )
     };
     let finished = tokio::select! {
         result = run => Some(result),
@@ -244,7 +369,7 @@ pub async fn drive(
         .ok()
         .and_then(Result::ok)
         .unwrap_or_else(histogram);
-    let Some((window, loadgen_cpu_s, host)) = finished else {
+    let Some((window, window_wall, loadgen_cpu_s, host, overrun)) = finished else {
         return Err(Interrupted);
     };
     kernel.tcp_mem_peak = peak_tcp;
@@ -262,5 +387,8 @@ pub async fn drive(
         pacer,
         control,
         host,
+        window_wall,
+        schedule_overrun: overrun,
+        memory,
     })
 }

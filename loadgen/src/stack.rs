@@ -134,26 +134,59 @@ pub fn raise_nofile_limit() -> u64 {
     proxy::net::limits::raise_nofile_limit().unwrap_or_else(|_| proxy::net::limits::nofile_limit())
 }
 
-/// What a run's processes are given: proxy workers and the source addresses sessions use.
+/// What a run's processes are given: agents, echo processes, proxy workers and the source
+/// addresses sessions use.
 #[derive(Debug, Clone)]
 pub struct Resources {
+    /// loadgen agent processes (1: this process runs every session itself).
+    pub agents: usize,
+    /// Echo target processes to start (0 when the echo target was given, as to an agent).
+    pub echo_processes: usize,
+    /// Listening addresses per echo process.
+    pub echo_addrs_per_process: usize,
     /// Proxy worker processes (0 when loadgen does not start the proxy).
     pub workers: usize,
+    /// Threads per proxy worker, when loadgen sets them (`--threads`, or 1 when there are
+    /// more workers than cores); `None`: the proxy's default.
+    pub proxy_threads: Option<usize>,
     /// Source addresses 127.0.0.1..; session i binds `sources[i % len]`.
     pub sources: Vec<Ipv4Addr>,
+}
+
+/// Sessions one process (an agent or an echo process) can hold under the descriptor limit.
+pub fn sessions_per_process(limit: u64) -> u64 {
+    limit.saturating_sub(DESCRIPTOR_MARGIN).max(1)
+}
+
+/// The `index`th echo address: 127.0.1.1, 127.0.1.2, …, 127.0.1.250, 127.0.2.1, …
+pub fn echo_ip(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 1 + (index / 250) as u8, 1 + (index % 250) as u8)
 }
 
 /// Sizes a run to the descriptor limits; fails before anything is opened when it cannot fit.
 pub fn plan(args: &RunArgs) -> anyhow::Result<Resources> {
     let limit = raise_nofile_limit();
     let conns = args.conns;
-    let needed = conns + DESCRIPTOR_MARGIN;
-    if needed > limit {
+    let per_process = sessions_per_process(limit);
+    let share = args.segment.share(conns as usize) as u64;
+    let agents = if args.segment.is_split() {
+        1
+    } else {
+        match args.agents {
+            Some(agents) => agents as usize,
+            None => conns.div_ceil(per_process) as usize,
+        }
+    };
+    let own = if agents > 1 {
+        conns.div_ceil(agents as u64)
+    } else {
+        share
+    };
+    if own + DESCRIPTOR_MARGIN > limit {
         bail!(
-            "{conns} sessions need {needed} descriptors in loadgen (and as many in its echo \
-             target), but RLIMIT_NOFILE allows {limit}. Raise the hard limit (`ulimit -Hn`, \
-             /etc/security/limits.conf, or LimitNOFILE= for a service; it needs root or \
-             CAP_SYS_RESOURCE), or use fewer --conns."
+            "{own} sessions need {} descriptors in one loadgen process, but RLIMIT_NOFILE              allows {limit}: run them as more agents (--agents {}), raise the hard limit              (`ulimit -Hn`, /etc/security/limits.conf, or LimitNOFILE= for a service; it needs              root or CAP_SYS_RESOURCE), or use fewer --conns.",
+            own + DESCRIPTOR_MARGIN,
+            conns.div_ceil(per_process)
         );
     }
     let sources_count = args
@@ -166,17 +199,46 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<Resources> {
     let sources = (0..sources_count)
         .map(|i| Ipv4Addr::new(127, 0, 0, 1 + i as u8))
         .collect();
-    let workers = match args.mode {
+    // Echo processes hold one socket per session each, under the same limit; one listening
+    // address per source address at least (so the proxy's outgoing connections spread over
+    // as many address pairs), the same number for each process.
+    let (echo_processes, echo_addrs_per_process) = if args.echo.is_empty() {
+        let processes = conns.div_ceil(per_process).max(1) as usize;
+        (processes, sources_count.div_ceil(processes))
+    } else {
+        (0, 0)
+    };
+    let (workers, proxy_threads) = match args.mode {
         Target::Proxy(mode) if args.proxy.is_none() => {
-            let threads = args
+            let mut threads = args
                 .threads
                 .map_or_else(|| mode.default_threads(), usize::from);
+            // More workers than cores: one loop thread each, or the machine runs
+            // workers × cores loops that only take turns.
+            let needed = |threads| conns.div_ceil(mode.sessions_per_process(limit, threads).max(1));
+            if args.threads.is_none()
+                && threads > 1
+                && needed(threads) > proxy::modes::default_threads() as u64
+            {
+                threads = 1;
+            }
             let per_worker = mode.sessions_per_process(limit, threads).max(1);
-            proxy_workers(conns, limit, per_worker, args.workers)
+            let explicit = args.threads.is_some() || threads != mode.default_threads();
+            (
+                proxy_workers(conns, limit, per_worker, args.workers),
+                explicit.then_some(threads),
+            )
         }
-        _ => 0,
+        _ => (0, None),
     };
-    Ok(Resources { workers, sources })
+    Ok(Resources {
+        agents,
+        echo_processes,
+        echo_addrs_per_process,
+        workers,
+        proxy_threads,
+        sources,
+    })
 }
 
 /// Proxy workers for `conns` sessions at `per_worker` each (under the descriptor limit
@@ -209,8 +271,10 @@ fn proxy_workers(conns: u64, limit: u64, per_worker: u64, asked: Option<u16>) ->
 pub struct Stack {
     /// The proxy loadgen started, if it started one.
     pub proxy: Option<ChildProcess>,
-    /// The echo target.
-    pub echo: ChildProcess,
+    /// The echo target processes loadgen started (none when it was given, as to an agent).
+    pub echo: Vec<ChildProcess>,
+    /// Every echo target address; session i uses `echo_addrs[i % len]`.
+    pub echo_addrs: Vec<SocketAddr>,
     /// Where sessions connect: the proxy, or `None` to go straight to the echo target.
     pub proxy_addr: Option<SocketAddr>,
     /// The proxy process whose tree is measured.
@@ -221,18 +285,27 @@ pub struct Stack {
 
 impl Stack {
     /// Starts the echo target (one address per source address, so the proxy's outgoing
-    /// connections spread too) and, unless the proxy is external or the run direct, the proxy.
+    /// connections spread too; as several processes when one cannot hold every session)
+    /// and, unless the proxy is external or the run direct, the proxy.
     pub fn start(args: &RunArgs, resources: &Resources) -> anyhow::Result<Stack> {
         let exe = std::env::current_exe()?;
-        let mut echo_cmd = Command::new(&exe);
-        echo_cmd.arg("echo").args(["--threads", "1"]);
-        for i in 0..resources.sources.len() {
-            echo_cmd.args(["--listen", &format!("127.0.1.{}:0", 1 + i)]);
+        let mut echo = Vec::new();
+        let mut echo_addrs = args.echo.clone();
+        for process in 0..resources.echo_processes {
+            let mut echo_cmd = Command::new(&exe);
+            echo_cmd.arg("echo").args(["--threads", "1"]);
+            let first = process * resources.echo_addrs_per_process;
+            for i in first..first + resources.echo_addrs_per_process {
+                echo_cmd.args(["--listen", &format!("{}:0", echo_ip(i))]);
+            }
+            let child = ChildProcess::spawn("echo target", echo_cmd)?;
+            echo_addrs.extend(child.addrs.iter().copied());
+            echo.push(child);
         }
-        let echo = ChildProcess::spawn("echo target", echo_cmd)?;
         let mut stack = Stack {
             proxy: None,
             echo,
+            echo_addrs,
             proxy_addr: args.proxy,
             proxy_pid: args.proxy_pid,
             label: args.label.clone().unwrap_or_else(|| "external".into()),
@@ -252,7 +325,7 @@ impl Stack {
         // Sessions are held idle on purpose; a tight handshake budget is not the point.
         cmd.args(["--handshake-timeout", "60s", "--connect-timeout", "60s"]);
         cmd.args(["--grace", "2s"]);
-        if let Some(threads) = args.threads {
+        if let Some(threads) = resources.proxy_threads {
             cmd.args(["--threads", &threads.to_string()]);
         }
         if let Some(spec) = &args.auth {
@@ -264,6 +337,15 @@ impl Stack {
         stack.proxy = Some(child);
         stack.label = args.label.clone().unwrap_or_else(|| mode.name().to_owned());
         Ok(stack)
+    }
+
+    /// The echo processes' PIDs: started here, or given to an agent to measure.
+    pub fn echo_pids(&self, args: &RunArgs) -> Vec<u32> {
+        if self.echo.is_empty() {
+            args.echo_pids.clone()
+        } else {
+            self.echo.iter().map(ChildProcess::pid).collect()
+        }
     }
 
     /// How the proxy has exited, if it has: loadgen's own child by its status, an external

@@ -23,8 +23,11 @@ use crate::record::Cause;
 /// What every session needs to know.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Sessions to open.
+    /// Sessions this process opens (its segment's share).
     pub conns: usize,
+    /// The global id of its first session: ids `first_id..first_id + conns` (patterns,
+    /// source and echo addresses follow the global id, so every agent's bytes differ).
+    pub first_id: usize,
     /// The SOCKS5 server, or `None` to connect straight to the echo target.
     pub proxy: Option<SocketAddr>,
     /// Echo target addresses; session i uses `echo[i % len]`.

@@ -1,0 +1,454 @@
+//! A run too large for one process: the parent starts the echo target and the proxy once,
+//! then K agent processes of itself (`--segment I/K`, one shared `--start-at`), shows their
+//! progress as one, stops them all on an error or Ctrl-C, and merges their records.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::cli::{RunArgs, Target};
+use crate::merge;
+use crate::probe::ProcessProbe;
+use crate::record::{self, Record};
+use crate::report;
+use crate::segment::Segment;
+use crate::stack::{Resources, Stack};
+
+/// Time the agents get to start before the shared start, beyond this per agent.
+const START_AHEAD: Duration = Duration::from_secs(3);
+const START_AHEAD_PER_AGENT: Duration = Duration::from_millis(200);
+
+/// How agents report progress to their parent: one line on stderr, `PREFIX` + JSON.
+pub mod status {
+    use std::sync::atomic::Ordering;
+
+    use serde::{Deserialize, Serialize};
+
+    use crate::measure::{Phase, Shared};
+
+    /// The start of a status line.
+    pub const PREFIX: &str = "loadgen-agent-status ";
+
+    /// An agent's counters now.
+    #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+    pub struct Status {
+        /// Phase (0 ramp, 1 idle, 3 measuring).
+        pub phase: u8,
+        /// Dials finished.
+        pub dialed: u64,
+        /// Sessions established.
+        pub established: u64,
+        /// Dials failed.
+        pub failed: u64,
+        /// Round trips completed (any phase).
+        pub messages_total: u64,
+        /// Established sessions dropped.
+        pub dropped: u64,
+    }
+
+    /// Prints the agent's status line.
+    pub fn emit(shared: &Shared, phase: Phase) {
+        let status = Status {
+            phase: phase as u8,
+            dialed: shared.dialed.load(Ordering::Relaxed),
+            established: shared.established.load(Ordering::Relaxed),
+            failed: shared.failed(),
+            messages_total: shared.messages_total.load(Ordering::Relaxed),
+            dropped: shared.dropped_total(),
+        };
+        if let Ok(json) = serde_json::to_string(&status) {
+            eprintln!("{PREFIX}{json}");
+        }
+    }
+
+    /// Reads a status line; `None` for any other line.
+    pub fn parse(line: &str) -> Option<Status> {
+        serde_json::from_str(line.strip_prefix(PREFIX)?).ok()
+    }
+}
+
+/// The command line of agent `segment`: the parent's run settings, with the echo target and
+/// proxy the parent started. Agent 0 also measures the proxy's and the echo target's
+/// processes (once for the run).
+fn agent_args(
+    args: &RunArgs,
+    stack: &Stack,
+    segment: Segment,
+    start_at: SystemTime,
+) -> Vec<String> {
+    let micros = |d: Duration| format!("{}us", d.as_micros());
+    let mut out: Vec<String> = vec![
+        "--conns".into(),
+        args.conns.to_string(),
+        "--segment".into(),
+        segment.to_string(),
+        "--start-at".into(),
+        format!("{:.6}", record::unix_seconds(start_at)),
+        "--label".into(),
+        stack.label.clone(),
+        "--size".into(),
+        args.size.to_string(),
+        "--duration".into(),
+        micros(args.duration),
+        "--warmup".into(),
+        micros(args.warmup),
+        "--idle-hold".into(),
+        micros(args.idle_hold),
+        "--ramp-rate".into(),
+        args.ramp_rate.to_string(),
+        "--max-dials".into(),
+        args.max_dials
+            .div_ceil(segment.count as usize)
+            .max(1)
+            .to_string(),
+        "--io-timeout".into(),
+        micros(args.io_timeout),
+        "--pacer".into(),
+        args.pacer.name().into(),
+        "--arrivals".into(),
+        args.arrivals.name().into(),
+        "--pacer-threads".into(),
+        args.pacer_threads.to_string(),
+        "--seed".into(),
+        args.seed.to_string(),
+        "--echo".into(),
+        stack
+            .echo_addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        "--json".into(),
+        "--no-record".into(),
+        "--agent-status".into(),
+    ];
+    if let Some(sources) = args.sources {
+        out.extend(["--sources".into(), sources.to_string()]);
+    }
+    if let Some(rate) = args.rate {
+        out.extend(["--rate".into(), rate.to_string()]);
+    }
+    if let Some(tag) = &args.tag {
+        out.extend(["--tag".into(), tag.clone()]);
+    }
+    if let Some(threads) = args.loadgen_threads {
+        out.extend(["--loadgen-threads".into(), threads.to_string()]);
+    }
+    if let Some(auth) = &args.auth {
+        out.extend(["--auth".into(), auth.clone()]);
+    }
+    match stack.proxy_addr {
+        Some(proxy) => {
+            out.extend(["--proxy".into(), proxy.to_string()]);
+            if segment.index == 0 {
+                if let Some(pid) = stack.proxy_pid {
+                    out.extend(["--proxy-pid".into(), pid.to_string()]);
+                }
+            }
+        }
+        None => out.extend(["--mode".into(), Target::Direct.name().into()]),
+    }
+    let echo_pids = stack.echo_pids(args);
+    if segment.index == 0 && !echo_pids.is_empty() {
+        let pids: Vec<String> = echo_pids.iter().map(ToString::to_string).collect();
+        out.extend(["--echo-pid".into(), pids.join(",")]);
+    }
+    out
+}
+
+/// What one agent left behind.
+struct Finished {
+    segment: Segment,
+    code: Option<i32>,
+    stdout: String,
+}
+
+/// Sends SIGTERM to every agent still running.
+fn terminate(children: &[Option<u32>]) {
+    for pid in children.iter().flatten() {
+        if let Some(pid) = rustix::process::Pid::from_raw(*pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+}
+
+/// Runs one measured run as `resources.agents` agents; 0 when it succeeded, 1 when it ran
+/// but failed, 130 when interrupted.
+pub fn run(args: &RunArgs, resources: &Resources) -> anyhow::Result<ExitCode> {
+    let agents = resources.agents as u32;
+    let quiet = args.is_quiet();
+    let mut stack = Stack::start(args, resources)?;
+    if !quiet {
+        eprintln!(
+            "loadgen: {}: {} sessions as {agents} agents, {} echo processes{}",
+            stack.label,
+            args.conns,
+            stack.echo.len(),
+            stack.proxy_pid.map_or(String::new(), |p| format!(
+                ", proxy pid {p} ({} workers)",
+                resources.workers
+            ))
+        );
+    }
+    let start_at = SystemTime::now() + START_AHEAD + START_AHEAD_PER_AGENT * agents;
+    let (started_at, stamp) = record::utc_now();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let finished = runtime.block_on(drive_agents(args, &stack, agents, start_at))?;
+    let Some(finished) = finished else {
+        eprintln!("loadgen: interrupted; stopping the agents, the echo target and the proxy");
+        drop(stack);
+        return Ok(ExitCode::from(130));
+    };
+    let proxy_died = stack.proxy_exited();
+    let label = stack.label.clone();
+    stack.stop();
+
+    // Every agent must have left a record; one that failed before (exit 2) fails the run.
+    let mut records = Vec::new();
+    for agent in &finished {
+        if !matches!(agent.code, Some(0 | 1)) {
+            bail!(
+                "agent {} exited with {:?} and no record (its messages are above)",
+                agent.segment,
+                agent.code
+            );
+        }
+        let record: Record = serde_json::from_str(&agent.stdout)
+            .with_context(|| format!("agent {} printed no record", agent.segment))?;
+        records.push((agent.segment, record));
+    }
+    let mut named = Vec::new();
+    let segments_dir = args
+        .results
+        .join("runs")
+        .join("segments")
+        .join(format!("{stamp}-{label}-c{}", args.conns));
+    for (segment, record) in records {
+        let name = if args.no_record {
+            format!("agent {segment}")
+        } else {
+            write_agent_record(&segments_dir, segment, &record)?
+                .display()
+                .to_string()
+        };
+        named.push((name, record));
+    }
+    let mut merged = merge::merge(named)?;
+    merged.started_at = started_at;
+    merged.config.command = std::env::args().collect();
+    merged.config.mode = if args.proxy.is_some() {
+        "external".into()
+    } else {
+        args.mode.name().to_owned()
+    };
+    merged.config.workers = resources.workers;
+    merged.config.threads = resources.proxy_threads;
+    merged.config.ramp_rate = args.ramp_rate;
+    merged.config.max_dials = args.max_dials;
+    if args.proxy.is_none() {
+        merged.config.external = None;
+    }
+    if let Some(status) = proxy_died {
+        merged.outcome = record::Outcome::ProxyDied(status);
+    }
+    finish(args, &merged, &stamp)
+}
+
+/// Writes agent `segment`'s record under `dir`.
+fn write_agent_record(dir: &Path, segment: Segment, record: &Record) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(format!("agent-{}-of-{}.json", segment.index, segment.count));
+    std::fs::write(&path, serde_json::to_string_pretty(record)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// Writes the merged record (unless --no-record) and prints it; the run's exit code.
+fn finish(args: &RunArgs, merged: &Record, stamp: &str) -> anyhow::Result<ExitCode> {
+    if !args.no_record {
+        let path = record::write(&args.results, stamp, merged)?;
+        report::write_hgrms(&path, &record::histograms(merged)?)?;
+        report::append_summary(&args.results, merged, &path)?;
+        if !args.is_quiet() {
+            eprintln!(
+                "loadgen: merged record of {} agents written to {} (theirs under {})",
+                merged.config.segments.len(),
+                path.display(),
+                args.results.join("runs").join("segments").display()
+            );
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(merged)?);
+    } else {
+        report::print_summary(merged);
+    }
+    Ok(if merged.outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("loadgen: run failed: {}", merged.outcome);
+        ExitCode::from(1)
+    })
+}
+
+/// Starts the agents and follows them to the end: `None` if interrupted. An agent that fails
+/// before its record stops every other.
+async fn drive_agents(
+    args: &RunArgs,
+    stack: &Stack,
+    agents: u32,
+    start_at: SystemTime,
+) -> anyhow::Result<Option<Vec<Finished>>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let exe = std::env::current_exe()?;
+    let (lines_tx, mut lines) = mpsc::unbounded_channel::<(u32, String)>();
+    let mut running = JoinSet::new();
+    let mut pids = Vec::new();
+    for index in 0..agents {
+        let segment = Segment {
+            index,
+            count: agents,
+        };
+        let mut child: Child = Command::new(&exe)
+            .args(agent_args(args, stack, segment, start_at))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start agent {segment}"))?;
+        pids.push(child.id());
+        let stderr = child.stderr.take().context("agent has no stderr")?;
+        let mut stdout = child.stdout.take().context("agent has no stdout")?;
+        let tx = lines_tx.clone();
+        running.spawn(async move {
+            let forward = async {
+                let mut reader = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    let _ = tx.send((index, line));
+                }
+            };
+            let mut out = String::new();
+            let read = stdout.read_to_string(&mut out);
+            let (_, _) = tokio::join!(forward, read);
+            let code = child.wait().await.ok().and_then(|s| s.code());
+            Finished {
+                segment,
+                code,
+                stdout: out,
+            }
+        });
+    }
+    drop(lines_tx);
+
+    let quiet = args.is_quiet();
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(args.conns);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "ramp {bar:40} {pos}/{len} dialed by {msg} [{elapsed}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!("{agents} agents"));
+        bar
+    };
+    let mut latest = vec![status::Status::default(); agents as usize];
+    let mut last_messages = 0u64;
+    let mut probe = ProcessProbe::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let (mut int, mut term) = (
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+    );
+    let mut finished = Vec::new();
+    let mut failed_early = false;
+    let mut lines_open = true;
+    let mut measured_before = false;
+    loop {
+        tokio::select! {
+            line = lines.recv(), if lines_open => {
+                let Some((index, line)) = line else {
+                    lines_open = false;
+                    continue;
+                };
+                match status::parse(&line) {
+                    Some(now) => latest[index as usize] = now,
+                    None => bar.suspend(|| eprintln!("agent {index}/{agents}: {line}")),
+                }
+            }
+            _ = ticker.tick() => {
+                let dialed: u64 = latest.iter().map(|s| s.dialed).sum();
+                let measuring = latest.iter().all(|s| s.phase >= 1);
+                if !measuring {
+                    bar.set_position(dialed);
+                } else if !bar.is_finished() {
+                    bar.finish_and_clear();
+                }
+                let total: u64 = latest.iter().map(|s| s.messages_total).sum();
+                let was_measuring = measured_before;
+                measured_before = latest.iter().any(|s| s.phase >= 3);
+                // The first line in the window would count the warm-up's messages too.
+                if was_measuring && !quiet {
+                    let rss = stack.proxy_pid.map_or(0, |pid| probe.tree(pid).rss_bytes);
+                    eprintln!(
+                        "loadgen: {:>9} msg/s  established {}  failed {}  dropped {}  proxy rss {:.1} MiB",
+                        total.saturating_sub(last_messages),
+                        latest.iter().map(|s| s.established).sum::<u64>(),
+                        latest.iter().map(|s| s.failed).sum::<u64>(),
+                        latest.iter().map(|s| s.dropped).sum::<u64>(),
+                        rss as f64 / (1 << 20) as f64
+                    );
+                }
+                last_messages = total;
+            }
+            done = running.join_next() => {
+                let Some(done) = done else { break };
+                let agent = done.context("an agent's task failed")?;
+                if !matches!(agent.code, Some(0 | 1)) && !failed_early {
+                    failed_early = true;
+                    bar.suspend(|| eprintln!(
+                        "loadgen: agent {} exited with {:?}; stopping the others",
+                        agent.segment, agent.code
+                    ));
+                    terminate(&pids);
+                }
+                finished.push(agent);
+            }
+            _ = int.recv() => {
+                terminate(&pids);
+                bar.finish_and_clear();
+                wait_all(&mut running).await;
+                return Ok(None);
+            }
+            _ = term.recv() => {
+                terminate(&pids);
+                bar.finish_and_clear();
+                wait_all(&mut running).await;
+                return Ok(None);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    finished.sort_by_key(|f| f.segment);
+    Ok(Some(finished))
+}
+
+/// Waits (bounded) for every agent to exit; the rest are killed when their task is dropped.
+async fn wait_all(running: &mut JoinSet<Finished>) {
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    running.abort_all();
+}
