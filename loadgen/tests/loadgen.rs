@@ -447,3 +447,233 @@ fn ctrl_c_mid_run_leaves_no_child_behind() {
     assert!(left.is_empty(), "still running after Ctrl-C: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn json_files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(json_files_under(&path));
+        } else if path.extension().is_some_and(|e| e == "json") {
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn a_run_split_over_agents_merges_into_one_record() {
+    let _machine = shared_machine();
+    let dir = temp_dir("agents");
+    let output = loadgen(&[
+        "--conns",
+        "300",
+        "--agents",
+        "3",
+        "--mode",
+        "epoll",
+        "--rate",
+        "600",
+        "--results",
+    ])
+    .arg(&dir)
+    .output()
+    .expect("run loadgen");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let merged = the_record(&dir);
+    assert_eq!(merged["outcome"], "ok");
+    assert_eq!(u(&merged, &["config", "conns"]), 300);
+    assert_eq!(u(&merged, &["sessions", "requested"]), 300);
+    assert_eq!(u(&merged, &["sessions", "established"]), 300);
+    assert_eq!(u(&merged, &["messages", "corrupted"]), 0);
+    assert_eq!(merged["config"]["mode"], "epoll");
+    assert!(merged["config"]["segment"].is_null());
+    let segments = merged["config"]["segments"].as_array().expect("segments");
+    assert_eq!(segments.len(), 3);
+
+    // The agents' own records: one per segment, their shares and counts adding up.
+    let agents = json_files_under(&dir.join("runs").join("segments"));
+    assert_eq!(agents.len(), 3, "{agents:?}");
+    let mut messages = 0;
+    let mut rtt_samples = 0;
+    for (index, path) in agents.iter().enumerate() {
+        let agent: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("JSON");
+        assert_eq!(u(&agent, &["config", "segment", "index"]), index as u64);
+        assert_eq!(u(&agent, &["config", "segment", "count"]), 3);
+        assert_eq!(u(&agent, &["sessions", "established"]), 100);
+        assert_eq!(agent["outcome"], "ok");
+        messages += u(&agent, &["messages", "count"]);
+        rtt_samples += u(&agent, &["latency_us", "rtt", "count"]);
+    }
+    assert!(messages > 0);
+    assert_eq!(u(&merged, &["messages", "count"]), messages);
+    assert_eq!(u(&merged, &["latency_us", "rtt", "count"]), rtt_samples);
+    // Agent 0 measured the proxy (its whole tree) and the echo target, once for the run.
+    assert!(u(&merged, &["proxy", "processes"]) >= 1);
+    assert_eq!(u(&merged, &["memory", "loadgen_processes"]), 3);
+    assert_eq!(u(&merged, &["memory", "echo_processes"]), 1);
+
+    // `loadgen merge` makes the same record from the files, and refuses a missing segment.
+    let agent_args: Vec<&Path> = agents.iter().map(PathBuf::as_path).collect();
+    let again = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["merge", "--json"])
+        .args(&agent_args)
+        .output()
+        .expect("run merge");
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let again: Value = serde_json::from_slice(&again.stdout).expect("merged JSON");
+    assert_eq!(again["latency_us"]["rtt"], merged["latency_us"]["rtt"]);
+    assert_eq!(
+        again["sessions"]["established"],
+        merged["sessions"]["established"]
+    );
+    let partial = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["merge", "--json"])
+        .args(&agent_args[..2])
+        .output()
+        .expect("run merge");
+    assert_eq!(partial.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&partial.stderr);
+    assert!(
+        message.contains("2/3") && message.contains("missing"),
+        "{message}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_start_time_that_has_passed_is_refused() {
+    let output = loadgen(&[
+        "--conns",
+        "10",
+        "--segment",
+        "0/2",
+        "--start-at",
+        "1000",
+        "--mode",
+        "direct",
+        "--no-record",
+    ])
+    .output()
+    .expect("run loadgen");
+    assert_eq!(output.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("in the past"), "{message}");
+}
+
+/// Starts a run of 2 agents that would last a minute and waits for its first status line
+/// in the window; returns the parent and every process it started (agents, echo, proxy and
+/// its workers).
+fn agents_run_in_window(
+    dir: &Path,
+) -> (
+    std::process::Child,
+    Vec<u32>,
+    std::thread::JoinHandle<usize>,
+) {
+    ensure_proxy_built();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args([
+            "--conns",
+            "200",
+            "--agents",
+            "2",
+            "--mode",
+            "async",
+            "--rate",
+            "200",
+            "--duration",
+            "60s",
+            "--warmup",
+            "200ms",
+            "--idle-hold",
+            "200ms",
+            "--results",
+        ])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn loadgen");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    for line in lines.by_ref() {
+        if line.expect("line").contains("msg/s") {
+            break;
+        }
+    }
+    let mut everyone = Vec::new();
+    let mut queue = children(child.id());
+    while let Some(pid) = queue.pop() {
+        queue.extend(children(pid));
+        everyone.push(pid);
+    }
+    // 2 agents, the echo target, the proxy and its worker.
+    assert!(everyone.len() >= 4, "{everyone:?}");
+    let drain = std::thread::spawn(move || lines.count());
+    (child, everyone, drain)
+}
+
+fn all_gone(pids: &[u32]) -> Vec<u32> {
+    for _ in 0..300 {
+        if pids.iter().all(|&pid| !alive(pid)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pids.iter().copied().filter(|&pid| alive(pid)).collect()
+}
+
+#[test]
+fn ctrl_c_stops_every_agent_and_the_stack() {
+    let _machine = shared_machine();
+    let dir = temp_dir("agents-ctrl-c");
+    let (mut child, everyone, drain) = agents_run_in_window(&dir);
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let status = child.wait().expect("wait");
+    let _ = drain.join();
+    assert_eq!(status.code(), Some(130));
+    let left = all_gone(&everyone);
+    assert!(left.is_empty(), "still running after Ctrl-C: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_agent_that_dies_stops_the_run_and_every_other_process() {
+    let _machine = shared_machine();
+    let dir = temp_dir("agents-die");
+    let (mut child, everyone, drain) = agents_run_in_window(&dir);
+    let agent = children(child.id())
+        .into_iter()
+        .find(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| cmd.contains("--segment"))
+        })
+        .expect("an agent");
+    let pid = rustix::process::Pid::from_raw(agent as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL");
+    let status = child.wait().expect("wait");
+    let stderr_lines = drain.join().unwrap_or(0);
+    assert_eq!(status.code(), Some(2), "{stderr_lines} lines on stderr");
+    let left = all_gone(&everyone);
+    assert!(
+        left.is_empty(),
+        "still running after an agent died: {left:?}"
+    );
+    assert!(
+        json_files_under(&dir).is_empty(),
+        "a failed run of agents left a record"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
