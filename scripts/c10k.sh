@@ -6,9 +6,12 @@
 #
 #   scripts/c10k.sh            full matrix (about 50 minutes on 2 cores with the peers)
 #   scripts/c10k.sh --quick    smaller matrix (a few minutes)
+#   scripts/c10k.sh --c100k    20,000, 50,000 and 100,000 sessions (loadgen runs as agents)
+#                              for epoll, epoll-et, async, uring, poll and threads, into
+#                              results/c100k (about 55 minutes with --repeat 2)
 #
 # Options: --repeat N (default 2), --results DIR (default results), --conns "100 1000 ..."
-# (session counts), --no-peers (only our modes), --no-rate-sweep (skip the other offered rates),
+# (session counts), --modes "epoll async ..." (default: direct and every mode), --no-peers (only our modes), --no-rate-sweep (skip the other offered rates),
 # --allow-dirty (run from a work tree with uncommitted changes; the records then say "-dirty").
 # A published sweep must be reproducible from a commit, so a dirty tree is refused by default.
 # When it ends, results/sweeps/<tag>.json says the sweep finished: `loadgen plot` draws the
@@ -26,17 +29,21 @@ peers=1
 rate_sweep=1
 allow_dirty=0
 conns_arg=""
+modes_arg=""
+c100k=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) quick=1 ;;
         --repeat) repeat="${2:?--repeat needs a number}"; shift ;;
         --results) results="${2:?--results needs a directory}"; shift ;;
         --conns) conns_arg="${2:?--conns needs a list, e.g. \"100 1000\"}"; shift ;;
+        --modes) modes_arg="${2:?--modes needs a list, e.g. \"epoll async\"}"; shift ;;
+        --c100k) c100k=1 ;;
         --peers) peers=1 ;;
         --no-peers|--no-external) peers=0 ;;
         --no-rate-sweep) rate_sweep=0 ;;
         --allow-dirty) allow_dirty=1 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "c10k.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -55,6 +62,16 @@ else
     rate=10000
     other_rates=(2000 30000)
 fi
+if [[ $c100k == 1 ]]; then
+    # Past one process's descriptors: loadgen runs as agents, the echo target as several
+    # processes, the proxy with as many workers as it needs. The peers and the rate sweep
+    # stay in the c10k sweep.
+    conns_list=(20000 50000 100000)
+    [[ -n $modes_arg ]] || modes_arg="epoll epoll-et async uring poll threads"
+    [[ $results != results ]] || results=results/c100k
+    peers=0
+    other_rates=()
+fi
 if [[ -n $conns_arg ]]; then
     read -ra conns_list <<<"$conns_arg"
 fi
@@ -70,13 +87,20 @@ if [[ $allow_dirty == 0 ]] && dirty; then
     echo "c10k.sh: the work tree has uncommitted changes; commit them (a published sweep must be reproducible from a commit) or pass --allow-dirty" >&2
     exit 2
 fi
-tag="c10k-$(date -u +%Y%m%dT%H%M%SZ)"
+tag="$([[ $c100k == 1 ]] && echo c100k || echo c10k)-$(date -u +%Y%m%dT%H%M%SZ)"
 started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
 cargo build --release --workspace --quiet
 loadgen=./target/release/loadgen
 # `direct`, then every proxy mode, as loadgen knows them.
 mapfile -t modes < <("$loadgen" modes)
+if [[ -n $modes_arg ]]; then
+    read -ra wanted <<<"$modes_arg"
+    for mode in "${wanted[@]}"; do
+        printf '%s\n' "${modes[@]}" | grep -qx -- "$mode" || { echo "c10k.sh: unknown mode '$mode' (loadgen modes lists them)" >&2; exit 2; }
+    done
+    modes=("${wanted[@]}")
+fi
 
 # The peers: the servers people actually run, started fresh for every run by scripts/peers.sh.
 peer_names=()
