@@ -143,6 +143,12 @@ fn agent_args(
     if let Some(auth) = &args.auth {
         out.extend(["--auth".into(), auth.clone()]);
     }
+    if let Some(version) = &args.proxy_version {
+        out.extend(["--proxy-version".into(), version.clone()]);
+    }
+    if let Some(started_with) = &args.proxy_started_with {
+        out.extend(["--proxy-started-with".into(), started_with.clone()]);
+    }
     match stack.proxy_addr {
         Some(proxy) => {
             out.extend(["--proxy".into(), proxy.to_string()]);
@@ -160,6 +166,12 @@ fn agent_args(
         out.extend(["--echo-pid".into(), pids.join(",")]);
     }
     out
+}
+
+/// Every agent, once all have exited, and the first that failed without a record.
+struct AllFinished {
+    agents: Vec<Finished>,
+    first_failure: Option<String>,
 }
 
 /// What one agent left behind.
@@ -196,7 +208,9 @@ pub fn run(args: &RunArgs, resources: &Resources) -> anyhow::Result<ExitCode> {
             ))
         );
     }
-    let start_at = SystemTime::now() + START_AHEAD + START_AHEAD_PER_AGENT * agents;
+    let start_at = args
+        .start_at
+        .unwrap_or_else(|| SystemTime::now() + START_AHEAD + START_AHEAD_PER_AGENT * agents);
     let (started_at, stamp) = record::utc_now();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -204,6 +218,9 @@ pub fn run(args: &RunArgs, resources: &Resources) -> anyhow::Result<ExitCode> {
     let finished = runtime.block_on(drive_agents(args, &stack, agents, start_at))?;
     let Some(finished) = finished else {
         eprintln!("loadgen: interrupted; stopping the agents, the echo target and the proxy");
+        // Agents first (dropping the runtime kills any still running), then the proxy and
+        // the echo target.
+        drop(runtime);
         drop(stack);
         return Ok(ExitCode::from(130));
     };
@@ -212,8 +229,11 @@ pub fn run(args: &RunArgs, resources: &Resources) -> anyhow::Result<ExitCode> {
     stack.stop();
 
     // Every agent must have left a record; one that failed before (exit 2) fails the run.
+    if let Some(first) = &finished.first_failure {
+        bail!("{first}; the run has no record (the agents' messages are above)");
+    }
     let mut records = Vec::new();
-    for agent in &finished {
+    for agent in &finished.agents {
         if !matches!(agent.code, Some(0 | 1)) {
             bail!(
                 "agent {} exited with {:?} and no record (its messages are above)",
@@ -226,11 +246,14 @@ pub fn run(args: &RunArgs, resources: &Resources) -> anyhow::Result<ExitCode> {
         records.push((agent.segment, record));
     }
     let mut named = Vec::new();
-    let segments_dir = args
-        .results
-        .join("runs")
-        .join("segments")
-        .join(format!("{stamp}-{label}-c{}", args.conns));
+    let segments_dir = if args.no_record {
+        PathBuf::new()
+    } else {
+        new_dir(
+            &args.results.join("runs").join("segments"),
+            &format!("{stamp}-{label}-c{}", args.conns),
+        )?
+    };
     for (segment, record) in records {
         let name = if args.no_record {
             format!("agent {segment}")
@@ -262,9 +285,32 @@ pub fn run(args: &RunArgs, resources: &Resources) -> anyhow::Result<ExitCode> {
     finish(args, &merged, &stamp)
 }
 
+/// Creates `parent/base` (or `base-2`, `base-3`, … if taken: two runs can end within the
+/// stamp's second) and returns it.
+fn new_dir(parent: &Path, base: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    for attempt in 1..=1000 {
+        let dir = match attempt {
+            1 => parent.join(base),
+            n => parent.join(format!("{base}-{n}")),
+        };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot create {}", dir.display()))
+            }
+        }
+    }
+    bail!(
+        "{} already holds 1000 directories named {base}",
+        parent.display()
+    )
+}
+
 /// Writes agent `segment`'s record under `dir`.
 fn write_agent_record(dir: &Path, segment: Segment, record: &Record) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!("agent-{}-of-{}.json", segment.index, segment.count));
     std::fs::write(&path, serde_json::to_string_pretty(record)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -306,7 +352,7 @@ async fn drive_agents(
     stack: &Stack,
     agents: u32,
     start_at: SystemTime,
-) -> anyhow::Result<Option<Vec<Finished>>> {
+) -> anyhow::Result<Option<AllFinished>> {
     use tokio::signal::unix::{signal, SignalKind};
     let exe = std::env::current_exe()?;
     let (lines_tx, mut lines) = mpsc::unbounded_channel::<(u32, String)>();
@@ -331,9 +377,17 @@ async fn drive_agents(
         let tx = lines_tx.clone();
         running.spawn(async move {
             let forward = async {
-                let mut reader = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    let _ = tx.send((index, line));
+                // Bytes, not lines: a line that is not UTF-8 must not stop the draining.
+                let mut reader = BufReader::new(stderr);
+                let mut line = Vec::new();
+                while reader
+                    .read_until(b'\n', &mut line)
+                    .await
+                    .is_ok_and(|n| n > 0)
+                {
+                    let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+                    let _ = tx.send((index, text));
+                    line.clear();
                 }
             };
             let mut out = String::new();
@@ -372,11 +426,13 @@ async fn drive_agents(
         signal(SignalKind::terminate())?,
     );
     let mut finished = Vec::new();
-    let mut failed_early = false;
+    let mut first_failure = None;
     let mut lines_open = true;
     let mut measured_before = false;
     loop {
         tokio::select! {
+            // Lines first: an agent's last words must be shown before its exit is acted on.
+            biased;
             line = lines.recv(), if lines_open => {
                 let Some((index, line)) = line else {
                     lines_open = false;
@@ -415,12 +471,12 @@ async fn drive_agents(
             done = running.join_next() => {
                 let Some(done) = done else { break };
                 let agent = done.context("an agent's task failed")?;
-                if !matches!(agent.code, Some(0 | 1)) && !failed_early {
-                    failed_early = true;
-                    bar.suspend(|| eprintln!(
-                        "loadgen: agent {} exited with {:?}; stopping the others",
-                        agent.segment, agent.code
-                    ));
+                // Reaped: its PID may be reused, so it is never signalled again.
+                pids[agent.segment.index as usize] = None;
+                if !matches!(agent.code, Some(0 | 1)) && first_failure.is_none() {
+                    let failure = format!("agent {} exited with {:?}", agent.segment, agent.code);
+                    bar.suspend(|| eprintln!("loadgen: {failure}; stopping the others"));
+                    first_failure = Some(failure);
                     terminate(&pids);
                 }
                 finished.push(agent);
@@ -429,19 +485,36 @@ async fn drive_agents(
                 terminate(&pids);
                 bar.finish_and_clear();
                 wait_all(&mut running).await;
+                show_remaining(&mut lines, agents).await;
                 return Ok(None);
             }
             _ = term.recv() => {
                 terminate(&pids);
                 bar.finish_and_clear();
                 wait_all(&mut running).await;
+                show_remaining(&mut lines, agents).await;
                 return Ok(None);
             }
         }
     }
     bar.finish_and_clear();
+    show_remaining(&mut lines, agents).await;
     finished.sort_by_key(|f| f.segment);
-    Ok(Some(finished))
+    Ok(Some(AllFinished {
+        agents: finished,
+        first_failure,
+    }))
+}
+
+/// Prints the agents' lines still queued (their stderr has closed, or they were stopped).
+async fn show_remaining(lines: &mut mpsc::UnboundedReceiver<(u32, String)>, agents: u32) {
+    while let Ok(Some((index, line))) =
+        tokio::time::timeout(Duration::from_millis(200), lines.recv()).await
+    {
+        if status::parse(&line).is_none() {
+            eprintln!("agent {index}/{agents}: {line}");
+        }
+    }
 }
 
 /// Waits (bounded) for every agent to exit; the rest are killed when their task is dropped.

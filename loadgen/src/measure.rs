@@ -118,11 +118,16 @@ impl Shared {
         self.phase_tx.subscribe()
     }
 
-    /// Moves every session to `phase`.
+    /// Moves every session to `phase`. The warm-up's start is the pacers' schedule origin:
+    /// now, unless a shared schedule set it already.
     pub fn set_phase(&self, phase: Phase) {
         if phase == Phase::Warmup {
-            self.warmup_started_ns
-                .store(crate::pacer::now_ns(), Ordering::Release);
+            let _ = self.warmup_started_ns.compare_exchange(
+                0,
+                crate::pacer::now_ns(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
         }
         self.phase.store(phase as u8, Ordering::Release);
         self.phase_tx.send_replace(phase);

@@ -1,7 +1,8 @@
 //! `loadgen merge`: the records of a run's agents (one per segment, from one host or many)
 //! joined into the record one process would have written. Histograms are added, never their
 //! percentiles averaged; counters are summed; rates are each agent's over its own window,
-//! summed, and the windows must nearly coincide.
+//! summed, and the windows must nearly coincide (rates are each agent's over its own
+//! window, summed).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,8 +42,12 @@ pub fn merge(mut records: Vec<(String, Record)>) -> anyhow::Result<Record> {
         bail!("nothing to merge: give the record of every agent of one run");
     }
     for (name, record) in &records {
-        if record.config.segment.is_none() {
-            bail!("{name} is not an agent's record (it has no segment): only the records of one run's agents (--segment I/K) can be merged");
+        match record.config.segment {
+            None => bail!("{name} is not an agent's record (it has no segment): only the records of one run's agents (--segment I/K) can be merged"),
+            Some(s) if s.count == 0 || s.index >= s.count => {
+                bail!("{name} has an impossible segment {}/{}", s.index, s.count)
+            }
+            Some(_) => {}
         }
     }
     records.sort_by_key(|(_, record)| record.config.segment);
@@ -196,13 +201,13 @@ pub fn merge(mut records: Vec<(String, Record)>) -> anyhow::Result<Record> {
     merged.sessions.dropped = add_maps(&|r| &r.sessions.dropped);
     merged.messages.count = sum(&|r| r.messages.count);
     merged.messages.corrupted = sum(&|r| r.messages.corrupted);
-    // Rates over the common window (each agent's window is within a few ms of it).
+    // Each agent's rate over its own window, summed: agents on a shared schedule measure the
+    // same instants (within ms), and an agent's count belongs to its own window.
     merged.messages.window_start_unix_s = start;
     merged.messages.window_end_unix_s = end;
     merged.messages.window_s = end - start;
-    merged.messages.per_second = merged.messages.count as f64 / (end - start);
-    merged.messages.bytes_per_second =
-        (merged.messages.count * merged.config.size as u64) as f64 / (end - start);
+    merged.messages.per_second = sum_f(&|r| r.messages.per_second);
+    merged.messages.bytes_per_second = sum_f(&|r| r.messages.bytes_per_second);
 
     // Latencies: histograms added.
     let added = |f: &dyn Fn(&Record) -> Option<&String>| -> anyhow::Result<Option<Histogram<u64>>> {

@@ -341,7 +341,7 @@ pub struct ProxyUsage {
     pub rss_idle: u64,
     /// Highest RSS sampled under load, bytes.
     pub rss_peak: u64,
-    /// (rss_idle − rss_before) / established.
+    /// (rss_idle − rss_before) / established (0 in an agent's record: see the merged one).
     pub rss_per_session_idle: f64,
     /// (rss_peak − rss_before) / established.
     pub rss_per_session_peak: f64,
@@ -707,6 +707,15 @@ pub fn assemble(
     } else {
         proxy.context_switches_window as f64 / messages as f64
     };
+    if args.segment.is_split() {
+        // An agent measures the whole proxy (and host) but holds only its share of the
+        // sessions and messages: per-session and per-message figures belong to the merged
+        // record, which divides by the whole run's.
+        proxy.rss_per_session_idle = 0.0;
+        proxy.rss_per_session_peak = 0.0;
+        proxy.cpu_us_per_message = 0.0;
+        proxy.context_switches_per_message = 0.0;
+    }
     let corrupted = shared.corrupted.load(Ordering::Relaxed);
     let dropped = lock(&shared.dropped).clone();
     let outcome = if corrupted > 0 {
@@ -798,7 +807,9 @@ pub fn assemble(
         },
         memory: {
             let mut memory = measured.memory.clone();
-            memory.account(&proxy, &kernel, established);
+            if !args.segment.is_split() {
+                memory.account(&proxy, &kernel, established);
+            }
             memory
         },
         proxy,
@@ -934,10 +945,10 @@ fn harness(
             harness.loadgen_cores, harness.loadgen_busy_cores
         ));
     }
-    if let Some(late) = measured.schedule_overrun {
+    if let Some(left) = measured.ramp_cut_short {
         harness.limited_by.push(format!(
-            "the ramp ended {:.3} s after the shared schedule's idle point (--start-at): the idle sample came late",
-            late.as_secs_f64()
+            "the ramp ran out of its time on the shared schedule (--start-at) with {left} of {} sessions still to dial or dialing",
+            plan.conns
         ));
     }
     harness.limited = !harness.limited_by.is_empty();

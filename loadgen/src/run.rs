@@ -44,8 +44,9 @@ pub struct Measured {
     pub host: probe::HostCpuShare,
     /// The window's start and end on the wall clock (agents' windows are compared by it).
     pub window_wall: (SystemTime, SystemTime),
-    /// On a shared schedule (--start-at): how far the ramp ran past the idle point.
-    pub schedule_overrun: Option<Duration>,
+    /// On a shared schedule (--start-at): sessions not yet dialed (or still dialing) when
+    /// the ramp's time ran out.
+    pub ramp_cut_short: Option<u64>,
     /// loadgen's and the echo target's memory.
     pub memory: HostMemory,
 }
@@ -183,20 +184,33 @@ pub async fn drive(
         let start = Instant::now();
         let spacing = Duration::from_secs_f64(1.0 / args.segment_ramp_rate().max(1e-3));
         let mut last_status = start;
-        for local in 0..plan.conns {
-            let id = plan.first_id + local;
-            tokio::time::sleep_until(start + spacing.mul_f64(local as f64)).await;
-            let Ok(permit) = dials.clone().acquire_owned().await else {
-                break;
-            };
-            sessions.spawn(workload::session(
-                id,
-                plan.clone(),
-                shared.clone(),
-                permit,
-                inlet.clone(),
-            ));
-            if local % 64 == 0 {
+        let ramp = async {
+            for local in 0..plan.conns {
+                let id = plan.first_id + local;
+                // Agents dial interleaved, as one process would, not K at the same instant.
+                let at = local as f64 + args.segment.phase();
+                tokio::time::sleep_until(start + spacing.mul_f64(at)).await;
+                let Ok(permit) = dials.clone().acquire_owned().await else {
+                    break;
+                };
+                sessions.spawn(workload::session(
+                    id,
+                    plan.clone(),
+                    shared.clone(),
+                    permit,
+                    inlet.clone(),
+                ));
+                if local % 64 == 0 {
+                    bar.set_position(shared.dialed.load(Ordering::Relaxed));
+                    bar.set_message(format!("{} failed", shared.failed()));
+                    if args.agent_status && last_status.elapsed() >= STATUS_EVERY {
+                        last_status = Instant::now();
+                        status::emit(&shared, Phase::Ramp);
+                    }
+                }
+            }
+            while (shared.dialed.load(Ordering::Relaxed) as usize) < plan.conns {
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 bar.set_position(shared.dialed.load(Ordering::Relaxed));
                 bar.set_message(format!("{} failed", shared.failed()));
                 if args.agent_status && last_status.elapsed() >= STATUS_EVERY {
@@ -204,26 +218,24 @@ pub async fn drive(
                     status::emit(&shared, Phase::Ramp);
                 }
             }
-        }
-        while (shared.dialed.load(Ordering::Relaxed) as usize) < plan.conns {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            bar.set_position(shared.dialed.load(Ordering::Relaxed));
-            bar.set_message(format!("{} failed", shared.failed()));
-            if args.agent_status && last_status.elapsed() >= STATUS_EVERY {
-                last_status = Instant::now();
-                status::emit(&shared, Phase::Ramp);
+        };
+        // On a shared schedule the ramp ends at the idle point however far it got, so this
+        // agent's window starts with the others'; dials in flight go on, sessions not yet
+        // dialed never are, and the record says how many.
+        let cut_short = match &timeline {
+            Some(timeline) => tokio::time::timeout_at(timeline.idle_start, ramp)
+                .await
+                .is_err()
+                .then(|| plan.conns as u64 - shared.dialed.load(Ordering::Relaxed)),
+            None => {
+                ramp.await;
+                None
             }
-        }
+        };
         bar.finish_and_clear();
         if args.agent_status {
             status::emit(&shared, Phase::Idle);
         }
-        // On a shared schedule, a ramp that ends after the idle point shifts this agent's
-        // idle sample (the window itself still starts on time): the record says by how much.
-        let overrun = timeline
-            .as_ref()
-            .map(|t| Instant::now().saturating_duration_since(t.idle_start))
-            .filter(|late| !late.is_zero());
         let ramp_end = tree(&mut probe);
         proxy_usage.cpu_ramp_s = ramp_end.cpu_ms.saturating_sub(ramp_start.cpu_ms) as f64 / 1000.0;
         if !quiet {
@@ -273,8 +285,12 @@ pub async fn drive(
         let own_start = probe::own_cpu_us();
         let host_start = probe::host_cpu();
         shared.set_phase(Phase::Measure);
-        let window_start = Instant::now();
-        let window_start_wall = std::time::SystemTime::now();
+        // On a shared schedule the window is the shared one, whatever the samples above took,
+        // so every agent counts over the same instants.
+        let window_start = timeline
+            .as_ref()
+            .map_or_else(Instant::now, |t| t.window_start);
+        let window_start_wall = std::time::SystemTime::now() - window_start.elapsed();
         let mut peak_rss = window_start_usage.rss_bytes;
         peak_tcp = peak_tcp.max(probe::kernel_tcp().1);
         let mut last_messages = shared.messages_total.load(Ordering::Relaxed);
@@ -349,7 +365,7 @@ pub async fn drive(
             window_wall,
             own_end.saturating_sub(own_start) as f64 / 1e6,
             host,
-            overrun,
+            cut_short,
         )
     };
     let finished = tokio::select! {
@@ -369,7 +385,7 @@ pub async fn drive(
         .ok()
         .and_then(Result::ok)
         .unwrap_or_else(histogram);
-    let Some((window, window_wall, loadgen_cpu_s, host, overrun)) = finished else {
+    let Some((window, window_wall, loadgen_cpu_s, host, cut_short)) = finished else {
         return Err(Interrupted);
     };
     kernel.tcp_mem_peak = peak_tcp;
@@ -388,7 +404,7 @@ pub async fn drive(
         control,
         host,
         window_wall,
-        schedule_overrun: overrun,
+        ramp_cut_short: cut_short,
         memory,
     })
 }

@@ -34,7 +34,9 @@ impl Segment {
 
     /// `value` (a rate or a ramp rate for all `total` sessions) scaled to this agent's share.
     pub fn scale(self, value: f64, total: usize) -> f64 {
-        if total == 0 {
+        if !self.is_split() {
+            value
+        } else if total == 0 {
             0.0
         } else {
             value * self.share(total) as f64 / total as f64

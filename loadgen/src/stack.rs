@@ -184,7 +184,10 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<Resources> {
     };
     if own + DESCRIPTOR_MARGIN > limit {
         bail!(
-            "{own} sessions need {} descriptors in one loadgen process, but RLIMIT_NOFILE              allows {limit}: run them as more agents (--agents {}), raise the hard limit              (`ulimit -Hn`, /etc/security/limits.conf, or LimitNOFILE= for a service; it needs              root or CAP_SYS_RESOURCE), or use fewer --conns.",
+            "{own} sessions need {} descriptors in one loadgen process, but RLIMIT_NOFILE \
+             allows {limit}: run them as more agents (--agents {}), raise the hard limit \
+             (`ulimit -Hn`, /etc/security/limits.conf, or LimitNOFILE= for a service; it needs \
+             root or CAP_SYS_RESOURCE), or use fewer --conns.",
             own + DESCRIPTOR_MARGIN,
             conns.div_ceil(per_process)
         );
@@ -216,9 +219,10 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<Resources> {
             // More workers than cores: one loop thread each, or the machine runs
             // workers × cores loops that only take turns.
             let needed = |threads| conns.div_ceil(mode.sessions_per_process(limit, threads).max(1));
+            let workers = args.workers.map_or_else(|| needed(threads), u64::from);
             if args.threads.is_none()
                 && threads > 1
-                && needed(threads) > proxy::modes::default_threads() as u64
+                && workers > proxy::modes::default_threads() as u64
             {
                 threads = 1;
             }

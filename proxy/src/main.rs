@@ -76,6 +76,13 @@ struct Args {
     #[arg(long = "deny-dest", value_name = "CIDR", value_parser = parse_cidr)]
     deny_dests: Vec<IpNet>,
 
+    /// Connections from this network (repeatable: your load balancers) start with a PROXY
+    /// protocol header (v1 or v2) naming the real client, which --allow-client and the logs
+    /// then see; such a connection without a valid header is closed. From anyone else a
+    /// PROXY header is a bad greeting.
+    #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = parse_cidr)]
+    trusted_proxies: Vec<IpNet>,
+
     /// Time a client has to finish the handshake (e.g. 10, 2.5s, 500ms).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     handshake_timeout: Duration,
@@ -158,6 +165,7 @@ fn start(args: Args) -> anyhow::Result<()> {
             allow_dests: args.allow_dests.clone(),
             deny_dests: args.deny_dests.clone(),
         },
+        trusted_proxies: args.trusted_proxies.clone(),
         handshake_timeout: args.handshake_timeout,
         connect_timeout: args.connect_timeout,
         idle_timeout: args.idle_timeout.filter(|d| !d.is_zero()),

@@ -279,6 +279,95 @@ fn clients_outside_allow_client_are_closed(mode: Mode) {
     assert!(closed_without_data(&mut stream), "{mode}");
 }
 
+/// Behind a trusted balancer (loopback here), the PROXY header's client is the one the client
+/// rules judge; a trusted connection without a header is closed; from an untrusted peer a
+/// PROXY header is a bad greeting.
+fn proxy_protocol_from_trusted_balancers_names_the_client(mode: Mode) {
+    use proxy::socks5::proxy_header::{encode_v1, encode_v2};
+    let echo = Target::echo("127.0.0.1:0");
+    let cidr = |s: &str| parse_cidr(s).expect("cidr");
+    let config = Config {
+        acl: Acl {
+            allow_clients: vec![cidr("192.0.2.0/24")],
+            ..Acl::default()
+        },
+        trusted_proxies: vec![cidr("127.0.0.0/8")],
+        ..Config::default()
+    };
+    let server = TestServer::start(mode, config);
+    let frontend: SocketAddr = "203.0.113.1:1080".parse().expect("addr");
+    let allowed: SocketAddr = "192.0.2.7:50000".parse().expect("addr");
+    let refused: SocketAddr = "198.51.100.9:50000".parse().expect("addr");
+    // An allowed client, by either version, the header split from the greeting or not.
+    for header in [
+        encode_v1(allowed, frontend),
+        encode_v2(allowed, frontend, &[1, 0, 1, b'h']),
+    ] {
+        let mut stream = connect(server.addr);
+        stream.write_all(&header).expect("header");
+        negotiate(&mut stream, None).expect("greeting");
+        let (code, _) =
+            request_on(&mut stream, Command::Connect, &TargetAddr::Ip(echo.addr)).expect("request");
+        assert_eq!(code, ReplyCode::Succeeded, "{mode}: {header:?}");
+        assert_echo(&mut stream, b"from behind the balancer");
+    }
+    let mut stream = connect(server.addr);
+    let mut wire = encode_v2(allowed, frontend, &[]);
+    wire.extend_from_slice(&proxy::socks5::client::encode_greeting(&[0]));
+    stream
+        .write_all(&wire)
+        .expect("header and greeting in one write");
+    assert_eq!(
+        read_exact(&mut stream, 2).expect("method"),
+        [5, 0],
+        "{mode}"
+    );
+    // A client the rules refuse: the balancer is admitted, the request gets 0x02.
+    let mut stream = connect(server.addr);
+    stream
+        .write_all(&encode_v1(refused, frontend))
+        .expect("header");
+    negotiate(&mut stream, None).expect("greeting");
+    let (code, _) =
+        request_on(&mut stream, Command::Connect, &TargetAddr::Ip(echo.addr)).expect("request");
+    assert_eq!(code, ReplyCode::NotAllowed, "{mode}: refused client");
+    // LOCAL (a health check) names no client: the balancer itself is judged, and loopback is
+    // not in --allow-client.
+    let mut stream = connect(server.addr);
+    let mut local = proxy::socks5::proxy_header::V2_SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    stream.write_all(&local).expect("header");
+    negotiate(&mut stream, None).expect("greeting");
+    let (code, _) =
+        request_on(&mut stream, Command::Connect, &TargetAddr::Ip(echo.addr)).expect("request");
+    assert_eq!(code, ReplyCode::NotAllowed, "{mode}: LOCAL");
+    // A trusted peer that sends no header, or a broken one: closed without a reply.
+    for bad in [
+        &[5u8, 1, 0][..],
+        b"PROXY TCP4 192.0.2.7 1.2.3.4 1\r\n",
+        b"PROXY TCP4 x\n",
+    ] {
+        let mut stream = connect(server.addr);
+        let _ = stream.write_all(bad);
+        assert!(closed_without_data(&mut stream), "{mode}: {bad:?}");
+    }
+    server.stop().expect("clean stop");
+
+    // Not trusted: the header is a bad greeting, even naming an allowed client.
+    let server = TestServer::start(mode, Config::default());
+    for header in [
+        encode_v1(allowed, frontend),
+        encode_v2(allowed, frontend, &[]),
+    ] {
+        let mut stream = connect(server.addr);
+        let _ = stream.write_all(&header);
+        assert!(
+            closed_without_data(&mut stream),
+            "{mode}: untrusted {header:?}"
+        );
+    }
+}
+
 fn half_close_keeps_the_other_direction_flowing(mode: Mode) {
     const MIB: usize = 1 << 20;
     // The target reads the client's whole upload, then answers with as much of its own.
@@ -479,6 +568,7 @@ per_mode!(
     unanswered_connect_times_out_with_0x06,
     destination_rules_reply_0x02,
     clients_outside_allow_client_are_closed,
+    proxy_protocol_from_trusted_balancers_names_the_client,
     half_close_keeps_the_other_direction_flowing,
     hundred_mib_each_way_at_once_arrive_intact,
     target_reset_closes_the_client,

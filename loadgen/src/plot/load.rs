@@ -21,6 +21,9 @@ pub(super) struct Point {
     pub(super) p99: f64,
     pub(super) p999: f64,
     pub(super) rss_per_session: f64,
+    /// What an idle session cost everything included (proxy, loadgen and echo RSS, kernel
+    /// TCP buffers and slab); 0 in records that predate it.
+    pub(super) all_in_per_session: f64,
     pub(super) cpu_us_per_msg: f64,
     pub(super) rtt: Histogram<u64>,
     /// Whether a run of the group was marked harness-limited.
@@ -219,6 +222,7 @@ pub(super) fn series_over(
             p99: collect(&|r| r.latency_us.rtt.p99 as f64),
             p999: collect(&|r| r.latency_us.rtt.p999 as f64),
             rss_per_session: collect(&|r| r.proxy.rss_per_session_idle),
+            all_in_per_session: collect(&|r| r.memory.bytes_per_session_idle),
             cpu_us_per_msg: collect(&|r| r.proxy.cpu_us_per_message),
             rtt,
             limited: runs.iter().any(|r| r.harness.limited),

@@ -202,6 +202,32 @@ fn draw(dir: &Path, tag: Option<&str>, dir_out: &Path) -> anyhow::Result<Vec<Pat
             spectrum: false,
         },
     )?);
+    // Records from before the `memory` section have no all-in figure: drawn only when some do.
+    let all_in: Series = any
+        .iter()
+        .map(|(label, points)| {
+            let known = points.iter().filter(|p| p.all_in_per_session > 0.0);
+            (label.clone(), known.cloned().collect::<Vec<_>>())
+        })
+        .filter(|(_, points)| !points.is_empty())
+        .collect();
+    if !all_in.is_empty() {
+        written.extend(save(
+            &out,
+            "4-all-in-per-session",
+            &LineChart {
+                title: "Memory per idle session, everything included (proxy, loadgen and echo RSS, kernel TCP and slab)",
+                x_label: "concurrent sessions (log)",
+                y_label: "bytes per session (log)",
+                log_y: true,
+                caption: &caption,
+                lines: lines(&all_in, &|p| p.all_in_per_session, false),
+                limited: ringed(&all_in, &|p| p.all_in_per_session, false),
+                reference: None,
+                spectrum: false,
+            },
+        )?);
+    }
     let title = format!("Proxy CPU per message ({rate_text})");
     written.extend(save(
         &out,

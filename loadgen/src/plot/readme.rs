@@ -220,9 +220,12 @@ pub(super) fn by_sessions(closed: &Series, open: &Series) -> String {
         );
         let _ = writeln!(
             out,
-            "| server | sessions held | closed-loop msg/s | closed-loop p99 ms | p99 ms at the rate | p99.9 ms at the rate | RSS/session | CPU µs/msg at the rate | runs | harness |"
+            "| server | sessions held | closed-loop msg/s | closed-loop p99 ms | p99 ms at the rate | p99.9 ms at the rate | RSS/session | all-in/session | CPU µs/msg at the rate | runs | harness |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
         let cell = |value: Option<f64>, f: &dyn Fn(f64) -> String| value.map_or("–".to_owned(), f);
         // Latency, memory and CPU per unit only where sessions were held and messages moved.
         fn of(point: Option<&Point>) -> Option<&Point> {
@@ -237,7 +240,7 @@ pub(super) fn by_sessions(closed: &Series, open: &Series) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 cell(row.held(), &|v| format!("{v:.0}")),
                 cell(row.closed.map(|p| p.msgs_per_s), &|v| format!("{v:.0}")),
                 cell(of(row.closed).map(|p| p.p99 / 1000.0), &|v| format!(
@@ -252,6 +255,12 @@ pub(super) fn by_sessions(closed: &Series, open: &Series) -> String {
                         .map(|p| p.rss_per_session)
                         .filter(|_| !is_direct),
                     &|v| format!("{v:.0} B")
+                ),
+                cell(
+                    of(row.closed.or(row.open))
+                        .map(|p| p.all_in_per_session)
+                        .filter(|v| *v > 0.0),
+                    &|v| format!("{:.1} KiB", v / 1024.0)
                 ),
                 cell(
                     of(row.open)
@@ -409,6 +418,10 @@ pub(super) fn report(
         ("3-p99", "p99 at the fixed rate"),
         ("3-p999", "p99.9 at the fixed rate"),
         ("4-rss-per-session", "RSS per idle session"),
+        (
+            "4-all-in-per-session",
+            "Memory per idle session, everything included",
+        ),
         ("5-cpu-per-message", "CPU per message at the fixed rate"),
         (
             "6-latency-spectrum",
@@ -440,7 +453,11 @@ pub(super) fn report(
         "\nMedians over the repeated runs of each point. RSS/session is the proxy's RSS (summed \
          over its processes) holding every session idle, minus its RSS before any session, per \
          established session; kernel socket buffers are not included (see each record's \
-         `kernel` section). CPU is the proxy's user+system time in the measured window per \
+         `kernel` section). All-in/session is what an idle session cost everything included: \
+         the growth of the proxy's, loadgen's and the echo target's RSS and of the kernel's \
+         TCP buffers and slab (sockets, inodes, epoll items; host-wide, so anything else \
+         running counts too), per established session (`memory` section; – in records that \
+         predate it). CPU is the proxy's user+system time in the measured window per \
          round trip. Harness: `limited` when a run of the point was marked harness-limited by \
          loadgen's self-check (schedule lateness p99 over 50 µs, sends unreached, or loadgen \
          holding most of a core: see the records' `harness.limited_by`), `saturated` when the \
@@ -473,6 +490,7 @@ mod tests {
             p99: p99_us,
             p999: p99_us * 2.0,
             rss_per_session: rss,
+            all_in_per_session: 0.0,
             cpu_us_per_msg: cpu,
             rtt: crate::measure::histogram(),
             limited: false,

@@ -40,6 +40,16 @@ pub struct Config {
     pub batch_window: Duration,
     /// `uring` mode: direct descriptor slots per ring; `None` means the descriptor limit.
     pub uring_slots: Option<u32>,
+    /// Load balancers whose connections start with a PROXY protocol header naming the real
+    /// client (`--trusted-proxy`); from anyone else such a header is a bad greeting.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Config {
+    /// Whether a connection from `peer` comes from a trusted load balancer.
+    pub fn proxy_trusted(&self, peer: IpAddr) -> bool {
+        contains(&self.trusted_proxies, canonical(peer))
+    }
 }
 
 impl Default for Config {
@@ -56,6 +66,7 @@ impl Default for Config {
             stack_size: None,
             udp_advertise: None,
             batch_window: Duration::ZERO,
+            trusted_proxies: Vec::new(),
             uring_slots: None,
         }
     }

@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use crate::config::{Acl, Config};
 use crate::net::BurstLog;
-use crate::socks5::{Failure, HandshakeError, TargetAddr};
+use crate::socks5::{Failure, Handshake, HandshakeError, Request, TargetAddr};
 
 /// How long accepting pauses after running out of descriptors or threads, unless a session
 /// ends first.
@@ -36,8 +36,10 @@ pub enum SessionError {
 /// Whether a client connecting from `peer` may start a session while `open_sessions` are
 /// open: its address must be allowed and `--max-sessions` not reached. A refused client is
 /// logged here and is to be closed at once, before any byte.
+/// A trusted load balancer is admitted whatever the client rules say: they apply to the client
+/// its PROXY header names ([`proxied_client_refused`]).
 pub fn admit(config: &Config, peer: SocketAddr, open_sessions: usize) -> bool {
-    if !config.acl.client_allowed(peer.ip()) {
+    if !config.proxy_trusted(peer.ip()) && !config.acl.client_allowed(peer.ip()) {
         tracing::info!(%peer, "client not allowed; closed");
         return false;
     }
@@ -45,6 +47,30 @@ pub fn admit(config: &Config, peer: SocketAddr, open_sessions: usize) -> bool {
         OVER_MAX_SESSIONS.hit(&format_args!("closed {peer}"));
         return false;
     }
+    true
+}
+
+/// The handshake for a client connecting from `peer`: with `--users`, authentication; from a
+/// trusted load balancer, a PROXY protocol header first.
+pub fn new_handshake(config: &Config, peer: SocketAddr) -> Handshake {
+    let handshake = Handshake::new(config.users.clone());
+    if config.proxy_trusted(peer.ip()) {
+        handshake.expecting_proxy_header(peer)
+    } else {
+        handshake
+    }
+}
+
+/// Whether the client a trusted balancer named is refused by the client rules: the mode then
+/// fails the request with [`Failure::DeniedByRule`] (0x02). Logged here.
+pub fn proxied_client_refused(config: &Config, request: &Request) -> bool {
+    let Some(client) = request.client else {
+        return false;
+    };
+    if config.acl.client_allowed(client.ip()) {
+        return false;
+    }
+    tracing::info!(%client, "client (named by a trusted balancer) not allowed; refused");
     true
 }
 

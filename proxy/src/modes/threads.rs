@@ -23,7 +23,7 @@ use crate::net::BurstLog;
 use crate::relay::{self, Pipe, PipeState, ReadUntil};
 use crate::shutdown::Shutdown;
 use crate::socks5::wire::MAX_MESSAGE_LEN;
-use crate::socks5::{Command, Failure, Handshake, Step, TargetAddr};
+use crate::socks5::{Command, Failure, Step, TargetAddr};
 
 /// Default stack per session thread: the handshake, a 16 KiB relay buffer and logging fit with
 /// room to spare (debug builds included), and only touched pages cost memory.
@@ -171,7 +171,7 @@ fn spawn_session(
         .stack_size(stack_size)
         .spawn(move || {
             let _guard = guard;
-            match serve_session(client, &config, &stop) {
+            match serve_session(client, peer, &config, &stop) {
                 Ok((up, down)) => tracing::debug!(%peer, up, down, "session closed"),
                 Err(err) => tracing::debug!(%peer, "session ended: {err}"),
             }
@@ -249,11 +249,12 @@ fn write_all(
 
 fn serve_session(
     client: TcpStream,
+    peer: SocketAddr,
     config: &Config,
     stop: &OwnedFd,
 ) -> Result<(u64, u64), SessionError> {
     client.set_nonblocking(true)?;
-    let mut handshake = Handshake::new(config.users.clone());
+    let mut handshake = session::new_handshake(config, peer);
     let mut out = Vec::new();
     let deadline = Instant::now() + config.handshake_timeout;
     let mut buf = [0u8; MAX_MESSAGE_LEN];
@@ -279,7 +280,9 @@ fn serve_session(
         }
     };
     let deadline = Instant::now() + config.connect_timeout;
-    let outcome = if request.command == Command::Connect {
+    let outcome = if session::proxied_client_refused(config, &request) {
+        Err(Failure::DeniedByRule)
+    } else if request.command == Command::Connect {
         connect(&request.target, config, deadline, stop)
     } else {
         // BIND and UDP ASSOCIATE are served by the async mode only.

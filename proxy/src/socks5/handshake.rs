@@ -4,7 +4,9 @@
 //! calls [`Handshake::step`] and acts on the returned [`Step`]: write the bytes appended to `out`,
 //! read more, open the outgoing connection, or close. Input may be split at any byte boundary,
 //! and bytes the client pipelines after its request are kept for the relay
-//! ([`Handshake::take_leftover`]).
+//! ([`Handshake::take_leftover`]). Behind a trusted load balancer
+//! ([`Handshake::expecting_proxy_header`]), the PROXY protocol header that names the real
+//! client comes first.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use super::auth::UserDb;
+use super::proxy_header::{self, ProxyHeader, ProxyHeaderError};
 use super::reply::{encode_failure_reply, encode_reply, Failure, ReplyCode};
 use super::wire::{
     AddrError, Command, TargetAddr, AUTH_VERSION, METHOD_NONE_ACCEPTABLE, METHOD_NO_AUTH,
@@ -27,6 +30,10 @@ pub struct Request {
     pub target: TargetAddr,
     /// The authenticated user, when username/password was negotiated.
     pub user: Option<String>,
+    /// Behind a trusted balancer: the client its PROXY protocol header named, or the balancer
+    /// when it named none; `None`: not behind a balancer (the connection's peer is the client
+    /// and was judged on accept). The client rules apply to it.
+    pub client: Option<SocketAddr>,
 }
 
 /// Why a handshake ended without a relay.
@@ -50,6 +57,10 @@ pub enum HandshakeError {
     /// The request failed with this cause (a failure reply was written).
     #[error("request failed: {0}")]
     Request(Failure),
+    /// A connection from a trusted balancer did not start with a valid PROXY protocol
+    /// header; closed without a reply.
+    #[error(transparent)]
+    ProxyHeader(#[from] ProxyHeaderError),
     /// The caller drove the handshake out of order (stepped it after its request was
     /// answered, or answered a request it was not asked to carry out).
     #[error("handshake driven out of order")]
@@ -74,6 +85,7 @@ pub enum Step {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    ProxyHeader,
     Greeting,
     Auth,
     Request,
@@ -89,6 +101,7 @@ pub struct Handshake {
     input: Vec<u8>,
     users: Option<Arc<UserDb>>,
     user: Option<String>,
+    client: Option<SocketAddr>,
 }
 
 /// The outcome of parsing one message from the front of the input buffer.
@@ -105,13 +118,34 @@ impl Handshake {
             input: Vec::new(),
             users,
             user: None,
+            client: None,
         }
+    }
+
+    /// Expects a PROXY protocol header (version 1 or 2) before the greeting: for connections
+    /// from a trusted load balancer at `balancer` only. The client is then the one the header
+    /// names, or the balancer itself when it names none (LOCAL, UNKNOWN).
+    pub fn expecting_proxy_header(mut self, balancer: SocketAddr) -> Self {
+        if self.state == State::Greeting {
+            self.state = State::ProxyHeader;
+            self.client = Some(balancer);
+        }
+        self
+    }
+
+    /// Behind a trusted balancer: the client its PROXY protocol header named (the balancer
+    /// itself until one is parsed, or when it named none).
+    pub fn proxied_client(&self) -> Option<SocketAddr> {
+        self.client
     }
 
     /// Whether the state machine can use more input now. While it waits for a connect outcome
     /// it does not: the caller should stop reading so a pipelining client is held back.
     pub fn wants_input(&self) -> bool {
-        matches!(self.state, State::Greeting | State::Auth | State::Request)
+        matches!(
+            self.state,
+            State::ProxyHeader | State::Greeting | State::Auth | State::Request
+        )
     }
 
     /// Appends bytes received from the client.
@@ -123,6 +157,7 @@ impl Handshake {
     pub fn step(&mut self, out: &mut Vec<u8>) -> Step {
         loop {
             let progressed = match self.state {
+                State::ProxyHeader => self.on_proxy_header(),
                 State::Greeting => self.on_greeting(out),
                 State::Auth => self.on_auth(out),
                 State::Request => self.on_request(out),
@@ -191,6 +226,20 @@ impl Handshake {
 
     fn consume(&mut self, n: usize) {
         self.input.drain(..n);
+    }
+
+    fn on_proxy_header(&mut self) -> Result<Option<Step>, HandshakeError> {
+        match proxy_header::parse(&self.input)? {
+            proxy_header::Parsed::Incomplete => Ok(Some(Step::NeedInput)),
+            proxy_header::Parsed::Done { header, consumed } => {
+                if let ProxyHeader::Proxied { source, .. } = header {
+                    self.client = Some(source);
+                }
+                self.consume(consumed);
+                self.state = State::Greeting;
+                Ok(None)
+            }
+        }
     }
 
     fn on_greeting(&mut self, out: &mut Vec<u8>) -> Result<Option<Step>, HandshakeError> {
@@ -276,6 +325,7 @@ impl Handshake {
                     command,
                     target,
                     user: self.user.take(),
+                    client: self.client,
                 })))
             }
         }
@@ -433,6 +483,63 @@ mod tests {
                 assert!(b"pipelined".starts_with(&leftover), "cuts {cuts:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_proxy_header_then_the_handshake_at_every_split_names_the_client() {
+        use crate::socks5::proxy_header::{encode_v1, encode_v2};
+        let client_addr: SocketAddr = "192.0.2.7:50000".parse().expect("addr");
+        let frontend: SocketAddr = "203.0.113.1:1080".parse().expect("addr");
+        let target = TargetAddr::Domain("example.test".into(), 443);
+        for header in [
+            encode_v1(client_addr, frontend),
+            encode_v2(client_addr, frontend, &[]),
+        ] {
+            let mut wire = header.clone();
+            wire.extend(client::encode_greeting(&[METHOD_USERNAME_PASSWORD]));
+            wire.extend(client::encode_auth("alice", "s3cret"));
+            wire.extend(connect_request(&target));
+            for cuts in every_split(&wire) {
+                let mut hs = Handshake::new(users()).expecting_proxy_header(frontend);
+                let (out, steps) = run(&mut hs, &wire, &cuts);
+                assert_eq!(out, [5, 2, 1, 0], "cuts {cuts:?}");
+                let Some(Step::Request(request)) = steps.last() else {
+                    panic!("no request for cuts {cuts:?}: {steps:?}");
+                };
+                assert_eq!(request.client, Some(client_addr));
+                assert_eq!(request.user.as_deref(), Some("alice"));
+                assert_eq!(hs.proxied_client(), Some(client_addr));
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_or_broken_proxy_header_closes_without_a_reply() {
+        for wire in [
+            &[5u8, 1, 0][..],
+            b"PROXY TCP9 a b 1 2\r\n",
+            b"\r\n\r\n\0\r\nQUIT\n\x11",
+        ] {
+            let balancer: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+            let mut hs = Handshake::new(None).expecting_proxy_header(balancer);
+            hs.receive(wire);
+            let mut out = Vec::new();
+            assert!(
+                matches!(
+                    hs.step(&mut out),
+                    Step::Close(HandshakeError::ProxyHeader(_))
+                ),
+                "{wire:?}"
+            );
+            assert!(out.is_empty());
+        }
+        // Without the expectation, the header is not SOCKS5.
+        let mut hs = Handshake::new(None);
+        hs.receive(b"PROXY UNKNOWN\r\n");
+        assert_eq!(
+            hs.step(&mut Vec::new()),
+            Step::Close(HandshakeError::BadVersion(b'P'))
+        );
     }
 
     #[test]

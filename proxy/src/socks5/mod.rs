@@ -8,11 +8,13 @@
 //! - [`auth`]: username/password verification (RFC 1929).
 //! - [`udp`]: the UDP ASSOCIATE datagram header.
 //! - [`client`]: the client's side of the wire format (tests, benches, loadgen).
+//! - [`proxy_header`]: the PROXY protocol header a trusted load balancer sends first.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod client;
 pub mod handshake;
+pub mod proxy_header;
 pub mod reply;
 pub mod udp;
 pub mod wire;

@@ -125,7 +125,7 @@ async fn establish(
     peer: SocketAddr,
     config: &Config,
 ) -> Option<(TcpStream, TcpStream, Vec<u8>)> {
-    let mut handshake = Handshake::new(config.users.clone());
+    let mut handshake = session::new_handshake(config, peer);
     let request = match timeout(
         config.handshake_timeout,
         read_request(&mut client, &mut handshake),
@@ -142,6 +142,20 @@ async fn establish(
             return None;
         }
     };
+    if session::proxied_client_refused(config, &request) {
+        fail(
+            &mut client,
+            &mut handshake,
+            Failure::DeniedByRule,
+            peer,
+            Some(&request.target),
+        )
+        .await;
+        return None;
+    }
+    // Behind a trusted balancer, the client is the one its PROXY header named: BIND's and UDP
+    // ASSOCIATE's checks of who may use them look at it.
+    let peer = request.client.unwrap_or(peer);
     match request.command {
         Command::Bind => return bind::bind(client, handshake, request, peer, config).await,
         Command::UdpAssociate => {

@@ -222,6 +222,11 @@ pub(super) fn negotiate(
                         tracing::debug!("handshake ended: {err}");
                         negotiation.step = NegotiationStep::Closing;
                     }
+                    Step::Request(request)
+                        if session::proxied_client_refused(ctx.config, &request) =>
+                    {
+                        fail_request(negotiation, Failure::DeniedByRule);
+                    }
                     Step::Request(request) if request.command != Command::Connect => {
                         // BIND and UDP ASSOCIATE are served by the async mode only.
                         fail_request(negotiation, Failure::CommandNotSupported);

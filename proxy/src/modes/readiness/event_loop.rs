@@ -33,7 +33,7 @@ use crate::net::limits;
 use crate::net::resolver::Resolved;
 use crate::relay::{self, ReadUntil, SCRATCH_SIZE};
 use crate::shutdown::Shutdown;
-use crate::socks5::{Failure, Handshake};
+use crate::socks5::Failure;
 
 /// The token of the listening socket.
 pub const LISTENER: Token = u64::MAX;
@@ -409,7 +409,7 @@ impl<P: Poller> EventLoop<'_, P> {
             target_interest: Interest::NONE,
             timer_ticket: 0,
             phase: Phase::Negotiating(Box::new(Negotiation {
-                handshake: Handshake::new(config.users.clone()),
+                handshake: session::new_handshake(config, peer),
                 out: Vec::new(),
                 written: 0,
                 step: NegotiationStep::Reading,

@@ -524,7 +524,10 @@ impl EventLoop<'_> {
             closing: false,
             timer_ticket: 0,
             phase: Phase::Negotiating(Box::new(Negotiation {
-                handshake: Handshake::new(self.config.users.clone()),
+                handshake: peer.map_or_else(
+                    || Handshake::new(self.config.users.clone()),
+                    |peer| session::new_handshake(self.config, peer),
+                ),
                 peer,
                 out: Vec::new(),
                 step: NegotiationStep::Reading,
@@ -669,6 +672,7 @@ impl EventLoop<'_> {
 
     fn advance_handshake(&mut self, key: usize) -> io::Result<()> {
         let deadline = Instant::now() + self.config.connect_timeout;
+        let config = self.config;
         let Some(negotiation) = self.negotiation(key) else {
             return Ok(());
         };
@@ -687,6 +691,9 @@ impl EventLoop<'_> {
                 tracing::debug!("handshake ended: {err}");
                 negotiation.step = NegotiationStep::Closing;
                 self.send_reply(key)
+            }
+            Step::Request(request) if session::proxied_client_refused(config, &request) => {
+                self.fail_request(key, Failure::DeniedByRule)
             }
             Step::Request(request) if request.command != Command::Connect => {
                 // BIND and UDP ASSOCIATE are served by the async mode only.
