@@ -69,10 +69,12 @@ impl Default for ProcessProbe {
 /// Context switches (voluntary + involuntary) of every thread of `root` and its descendants
 /// so far, from /proc/PID/task/*/status: how often the proxy's threads went to sleep or were
 /// preempted, i.e. its wake-ups. Threads that ended are not counted, so take it over a
-/// window in which the threads live (the measured window).
-pub fn context_switches(root: u32) -> u64 {
+/// window in which the threads live (the measured window). `None` past
+/// [`MAX_TASKS_COUNTED`] threads.
+pub fn context_switches(root: u32) -> Option<u64> {
     let mut pids = vec![root];
     let mut total = 0;
+    let mut tasks_read = 0;
     let mut i = 0;
     while i < pids.len() {
         let pid = pids[i];
@@ -81,6 +83,10 @@ pub fn context_switches(root: u32) -> u64 {
             continue;
         };
         for task in tasks.flatten() {
+            tasks_read += 1;
+            if tasks_read > MAX_TASKS_COUNTED {
+                return None;
+            }
             let path = task.path();
             let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
             total += status
@@ -99,8 +105,12 @@ pub fn context_switches(root: u32) -> u64 {
             );
         }
     }
-    total
+    Some(total)
 }
+
+/// Past this many threads (a thread-per-session proxy), reading every thread's status would
+/// take seconds at each end of the window: context switches are then not counted.
+const MAX_TASKS_COUNTED: usize = 4096;
 
 /// This process's own CPU time (user + system) so far, in microseconds (getrusage).
 pub fn own_cpu_us() -> u64 {

@@ -352,7 +352,8 @@ pub struct ProxyUsage {
     /// CPU microseconds per round trip in the window.
     pub cpu_us_per_message: f64,
     /// Context switches of the proxy's threads in the window (its wake-ups: each time a
-    /// thread slept and woke, or was preempted); absent in older records.
+    /// thread slept and woke, or was preempted); absent in older records; 0 when the proxy
+    /// ran more than 4,096 threads (counting them would stall the run).
     #[serde(default)]
     pub context_switches_window: u64,
     /// Context switches per round trip in the window.

@@ -280,17 +280,18 @@ pub async fn drive(
             Some(timeline) => tokio::time::sleep_until(timeline.window_start).await,
             None => tokio::time::sleep(args.warmup).await,
         }
-        let window_start_usage = tree(&mut probe);
-        let switches_start = proxy_pid.map(probe::context_switches);
-        let own_start = probe::own_cpu_us();
-        let host_start = probe::host_cpu();
+        // The window opens first, then the samples, as it closes before them at its end: the
+        // CPU figures are shifted by the sampling time at both ends alike, and the counting
+        // (in every agent) starts on time however long sampling a big process tree takes.
         shared.set_phase(Phase::Measure);
-        // On a shared schedule the window is the shared one, whatever the samples above took,
-        // so every agent counts over the same instants.
         let window_start = timeline
             .as_ref()
             .map_or_else(Instant::now, |t| t.window_start);
         let window_start_wall = std::time::SystemTime::now() - window_start.elapsed();
+        let own_start = probe::own_cpu_us();
+        let host_start = probe::host_cpu();
+        let window_start_usage = tree(&mut probe);
+        let switches_start = proxy_pid.and_then(probe::context_switches);
         let mut peak_rss = window_start_usage.rss_bytes;
         peak_tcp = peak_tcp.max(probe::kernel_tcp().1);
         let mut last_messages = shared.messages_total.load(Ordering::Relaxed);
@@ -342,7 +343,7 @@ pub async fn drive(
         let own_end = probe::own_cpu_us();
         let host = probe::host_cpu().since(host_start, window.as_secs_f64());
         let window_end_usage = tree(&mut probe);
-        let switches_end = proxy_pid.map(probe::context_switches);
+        let switches_end = proxy_pid.and_then(probe::context_switches);
         if let (Some(start), Some(end)) = (switches_start, switches_end) {
             proxy_usage.context_switches_window = end.saturating_sub(start);
         }
