@@ -2,6 +2,7 @@
 //! then K agent processes of itself (`--segment I/K`, one shared `--start-at`), shows their
 //! progress as one, stops them all on an error or Ctrl-C, and merges their records.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, SystemTime};
@@ -73,25 +74,24 @@ pub mod status {
     }
 }
 
-/// The command line of agent `segment`: the parent's run settings, with the echo target and
-/// proxy the parent started. Agent 0 also measures the proxy's and the echo target's
-/// processes (once for the run).
-fn agent_args(
+/// The run settings every agent of a run is given, wherever it runs: the parent's flags,
+/// the shared start, and the echo target (`count` agents share `--max-dials`). The caller
+/// adds `--segment` and where the record goes.
+pub fn shared_agent_args(
     args: &RunArgs,
-    stack: &Stack,
-    segment: Segment,
+    label: &str,
+    echo: &[SocketAddr],
+    count: u32,
     start_at: SystemTime,
 ) -> Vec<String> {
     let micros = |d: Duration| format!("{}us", d.as_micros());
     let mut out: Vec<String> = vec![
         "--conns".into(),
         args.conns.to_string(),
-        "--segment".into(),
-        segment.to_string(),
         "--start-at".into(),
         format!("{:.6}", record::unix_seconds(start_at)),
         "--label".into(),
-        stack.label.clone(),
+        label.to_owned(),
         "--size".into(),
         args.size.to_string(),
         "--duration".into(),
@@ -103,10 +103,7 @@ fn agent_args(
         "--ramp-rate".into(),
         args.ramp_rate.to_string(),
         "--max-dials".into(),
-        args.max_dials
-            .div_ceil(segment.count as usize)
-            .max(1)
-            .to_string(),
+        args.max_dials.div_ceil(count as usize).max(1).to_string(),
         "--io-timeout".into(),
         micros(args.io_timeout),
         "--pacer".into(),
@@ -118,15 +115,10 @@ fn agent_args(
         "--seed".into(),
         args.seed.to_string(),
         "--echo".into(),
-        stack
-            .echo_addrs
-            .iter()
+        echo.iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(","),
-        "--json".into(),
-        "--no-record".into(),
-        "--agent-status".into(),
     ];
     if let Some(sources) = args.sources {
         out.extend(["--sources".into(), sources.to_string()]);
@@ -149,6 +141,32 @@ fn agent_args(
     if let Some(started_with) = &args.proxy_started_with {
         out.extend(["--proxy-started-with".into(), started_with.clone()]);
     }
+    out
+}
+
+/// The command line of agent `segment` run by this parent: the shared settings, the echo
+/// target and proxy the parent started, its record on stdout and its progress on stderr.
+/// Agent 0 also measures the proxy's and the echo target's processes (once for the run).
+fn agent_args(
+    args: &RunArgs,
+    stack: &Stack,
+    segment: Segment,
+    start_at: SystemTime,
+) -> Vec<String> {
+    let mut out = shared_agent_args(
+        args,
+        &stack.label,
+        &stack.echo_addrs,
+        segment.count,
+        start_at,
+    );
+    out.extend([
+        "--segment".into(),
+        segment.to_string(),
+        "--json".into(),
+        "--no-record".into(),
+        "--agent-status".into(),
+    ]);
     match stack.proxy_addr {
         Some(proxy) => {
             out.extend(["--proxy".into(), proxy.to_string()]);
@@ -429,6 +447,7 @@ async fn drive_agents(
     let mut first_failure = None;
     let mut lines_open = true;
     let mut measured_before = false;
+    let mut interrupted = false;
     loop {
         tokio::select! {
             // Lines first: an agent's last words must be shown before its exit is acted on.
@@ -481,23 +500,17 @@ async fn drive_agents(
                 }
                 finished.push(agent);
             }
-            _ = int.recv() => {
-                terminate(&pids);
-                bar.finish_and_clear();
-                wait_all(&mut running).await;
-                show_remaining(&mut lines, agents).await;
-                return Ok(None);
-            }
-            _ = term.recv() => {
-                terminate(&pids);
-                bar.finish_and_clear();
-                wait_all(&mut running).await;
-                show_remaining(&mut lines, agents).await;
-                return Ok(None);
-            }
+            _ = int.recv() => { interrupted = true; break; }
+            _ = term.recv() => { interrupted = true; break; }
         }
     }
     bar.finish_and_clear();
+    if interrupted {
+        terminate(&pids);
+        wait_all(&mut running).await;
+        show_remaining(&mut lines, agents).await;
+        return Ok(None);
+    }
     show_remaining(&mut lines, agents).await;
     finished.sort_by_key(|f| f.segment);
     Ok(Some(AllFinished {

@@ -34,8 +34,8 @@ pub struct Args {
 /// loadgen's subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Sub {
-    /// Internal: the echo target process.
-    #[command(hide = true)]
+    /// The echo target runs start for themselves: echoes every byte on each --listen address
+    /// and prints a ready line (run it yourself for agents on other hosts, with --echo).
     Echo {
         /// Addresses to listen on.
         #[arg(long = "listen", required = true)]
@@ -45,8 +45,8 @@ pub enum Sub {
         threads: usize,
     },
     /// Merge the records of one run's agents (`--segment I/K`, on one host or many) into one
-    /// record: histograms added, counters summed, rates over the common window. Refuses
-    /// missing, duplicate or non-overlapping segments.
+    /// record: histograms added, counters summed, each agent's rate over its window summed.
+    /// Refuses missing, duplicate or non-overlapping segments.
     Merge {
         /// The agents' records (JSON), one per segment.
         #[arg(required = true)]
@@ -58,6 +58,13 @@ pub enum Sub {
         #[arg(long)]
         json: bool,
     },
+    /// Print a Kubernetes Job that runs one run's agents on many nodes: an Indexed Job of
+    /// --agents pods, pod I running `--segment I/K` with a shared --start-at, each writing its
+    /// record to a shared volume for `loadgen merge`. It is printed, not applied.
+    K8sManifest(crate::k8s::ManifestArgs),
+    /// On a proxy host: measure a process and its descendants (RSS, CPU, context switches)
+    /// over a run's phases (the agents' --start-at and run flags), for `loadgen merge`.
+    Sample(crate::sample::SampleArgs),
     /// Print every --mode value, one a line: `direct`, then the proxy's modes (for scripts).
     Modes,
     /// Draw the c10k charts (SVG and PNG) and results/README.md from stored records, without
@@ -158,7 +165,7 @@ impl Arrivals {
 }
 
 /// The settings of a measured run.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// Concurrent sessions to open.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -307,8 +314,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "TIME", value_parser = parse_start_at)]
     pub start_at: Option<SystemTime>,
 
-    /// Internal (agents): the echo target's addresses, started by the parent.
-    #[arg(long = "echo", hide = true, value_delimiter = ',')]
+    /// Use the echo target at these addresses instead of starting one (agents: the one their
+    /// parent started; on several hosts: an echo target the proxy can reach, e.g. a
+    /// `loadgen echo` process or service). Session i uses address i mod the count.
+    #[arg(long = "echo", value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
     pub echo: Vec<SocketAddr>,
 
     /// Internal (agents): processes whose memory this agent records as the echo target's.

@@ -9,6 +9,7 @@
 mod agents;
 mod cli;
 mod echo;
+mod k8s;
 mod measure;
 mod merge;
 mod pacer;
@@ -17,6 +18,7 @@ mod probe;
 mod record;
 mod report;
 mod run;
+mod sample;
 mod segment;
 mod stack;
 mod workload;
@@ -86,6 +88,32 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(err) => {
                 eprintln!("loadgen merge: {err:#}");
+                ExitCode::from(2)
+            }
+        },
+        Some(Sub::Sample(sample)) => match sample::sample(&sample) {
+            Ok(taken) => {
+                eprintln!(
+                    "loadgen sample: {} processes, {:.2} CPU s in the window, {} bytes RSS idle: written to {}",
+                    taken.proxy.processes,
+                    taken.proxy.cpu_window_s,
+                    taken.proxy.rss_idle,
+                    sample.out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("loadgen sample: {err:#}");
+                ExitCode::from(2)
+            }
+        },
+        Some(Sub::K8sManifest(manifest)) => match k8s::manifest(&manifest) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("loadgen k8s-manifest: {err:#}");
                 ExitCode::from(2)
             }
         },
@@ -227,8 +255,12 @@ fn measure_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     if !args.no_record {
         let path = record::write(&args.results, &stamp, &record)?;
         report::write_hgrms(&path, &record::histograms(&record)?)?;
-        report::append_summary(&args.results, &record, &path)?;
-        if !args.is_quiet() {
+        // An agent's record is a part: only the merged record gets a summary row (and agents
+        // on several hosts may share one results volume).
+        if !args.segment.is_split() {
+            report::append_summary(&args.results, &record, &path)?;
+        }
+        if !args.is_quiet() && !args.segment.is_split() {
             eprintln!("loadgen: record written to {}", path.display());
             if args.tag.is_none() {
                 eprintln!(

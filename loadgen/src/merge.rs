@@ -5,7 +5,7 @@
 //! window, summed).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
@@ -14,30 +14,48 @@ use crate::measure::histogram;
 use crate::record::{
     self, decode, encode, EncodedHistograms, Outcome, Percentiles, Record, SegmentSource,
 };
+use crate::sample::{self, ProxySample};
 
 /// The agents' windows must overlap by at least this share of the longest one.
 pub const MIN_WINDOW_OVERLAP: f64 = 0.9;
 
-/// Reads the records at `paths` and merges them.
+/// Reads the records (and proxy samples) at `paths` and merges them.
 pub fn merge_files(paths: &[PathBuf]) -> anyhow::Result<Record> {
     let mut records = Vec::new();
+    let mut samples = Vec::new();
     for path in paths {
-        records.push((path.display().to_string(), read(path)?));
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{name} is not JSON"))?;
+        if value.get("kind").and_then(|k| k.as_str()) == Some(sample::KIND) {
+            let taken: ProxySample = serde_json::from_value(value)
+                .with_context(|| format!("{name} is not a proxy sample"))?;
+            samples.push((name, taken));
+        } else {
+            let record: Record =
+                serde_json::from_value(value).with_context(|| format!("{name} is not a record"))?;
+            records.push((name, record));
+        }
     }
-    merge(records)
-}
-
-/// Reads one record.
-pub fn read(path: &Path) -> anyhow::Result<Record> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a record", path.display()))
+    merge_with_samples(records, samples)
 }
 
 /// Merges the records of every segment of one run (named, for messages and the merged
 /// record's `segments`, by `.0`). Refuses records that are not agents' records, segments
 /// missing or given twice, agents of different runs, and windows that do not overlap.
-pub fn merge(mut records: Vec<(String, Record)>) -> anyhow::Result<Record> {
+pub fn merge(records: Vec<(String, Record)>) -> anyhow::Result<Record> {
+    merge_with_samples(records, Vec::new())
+}
+
+/// [`merge`], with the proxy measured by `loadgen sample` on its hosts: the merged proxy
+/// section is then the samples' sum (agents' own proxy figures are not used). Each sample
+/// must cover the agents' common window.
+pub fn merge_with_samples(
+    mut records: Vec<(String, Record)>,
+    samples: Vec<(String, ProxySample)>,
+) -> anyhow::Result<Record> {
     if records.is_empty() {
         bail!("nothing to merge: give the record of every agent of one run");
     }
@@ -240,14 +258,27 @@ pub fn merge(mut records: Vec<(String, Record)>) -> anyhow::Result<Record> {
 
     // The proxy: measured by one agent per proxy host (an agent given its PID); summed over
     // those, then divided by the whole run's sessions and messages.
-    let measurers: Vec<&Record> = records
-        .iter()
-        .map(|(_, r)| r)
-        .filter(|r| r.proxy.processes > 0)
-        .collect();
+    for (name, taken) in &samples {
+        let covered = taken.window_end_unix_s.min(end) - taken.window_start_unix_s.max(start);
+        if covered < MIN_WINDOW_OVERLAP * (end - start) {
+            bail!(
+                "{name} sampled {:.3}..{:.3}, not the agents' window {start:.3}..{end:.3}: give `loadgen sample` the agents' --start-at and run flags",
+                taken.window_start_unix_s,
+                taken.window_end_unix_s
+            );
+        }
+    }
+    let measured: Vec<&record::ProxyUsage> = if samples.is_empty() {
+        records
+            .iter()
+            .map(|(_, r)| &r.proxy)
+            .filter(|p| p.processes > 0)
+            .collect()
+    } else {
+        samples.iter().map(|(_, s)| &s.proxy).collect()
+    };
     let mut proxy = record::ProxyUsage::default();
-    for r in &measurers {
-        let p = &r.proxy;
+    for p in measured {
         proxy.processes += p.processes;
         proxy.rss_before += p.rss_before;
         proxy.rss_idle += p.rss_idle;
@@ -609,6 +640,44 @@ mod tests {
             "{}",
             merged.outcome
         );
+    }
+
+    #[test]
+    fn proxy_samples_from_proxy_hosts_make_the_proxy_section() {
+        let mut a = agent(0, 2, &[1, 2], (100.0, 110.0));
+        let b = agent(1, 2, &[3, 4], (100.0, 110.0));
+        // Agent 0 also measured a proxy: with samples given, the samples count instead.
+        a.1.proxy.processes = 1;
+        a.1.proxy.cpu_window_s = 99.0;
+        let host = |cpu: f64, rss: u64, window: (f64, f64)| ProxySample {
+            kind: sample::KIND.into(),
+            host: record::Host::default(),
+            pid: 1,
+            start_at_unix_s: 50.0,
+            window_start_unix_s: window.0,
+            window_end_unix_s: window.1,
+            proxy: record::ProxyUsage {
+                processes: 2,
+                rss_before: 1_000,
+                rss_idle: 1_000 + rss,
+                rss_peak: 1_000 + rss,
+                cpu_window_s: cpu,
+                ..Default::default()
+            },
+        };
+        let samples = vec![
+            ("proxy-a.json".to_owned(), host(1.0, 500, (100.0, 110.0))),
+            ("proxy-b.json".to_owned(), host(3.0, 1_500, (100.0, 110.0))),
+        ];
+        let merged = merge_with_samples(vec![a.clone(), b.clone()], samples).expect("merges");
+        assert_eq!(merged.proxy.processes, 4);
+        assert_eq!(merged.proxy.cpu_window_s, 4.0);
+        // 4 CPU seconds over 4 messages; 2,000 bytes over 1,000 sessions.
+        assert_eq!(merged.proxy.cpu_us_per_message, 1e6);
+        assert_eq!(merged.proxy.rss_per_session_idle, 2.0);
+        let late = vec![("proxy-c.json".to_owned(), host(1.0, 1, (104.0, 114.0)))];
+        let err = merge_with_samples(vec![a, b], late).expect_err("refused");
+        assert!(err.to_string().contains("not the agents' window"), "{err}");
     }
 
     fn histogram_of(values: &[u64]) -> Histogram<u64> {

@@ -134,8 +134,25 @@ pub fn own_rss() -> u64 {
     pages * rustix::param::page_size() as u64
 }
 
-/// Kernel slab memory now, bytes (`Slab:` of /proc/meminfo; 0 where unreadable).
+/// Kernel slab memory in use now, bytes: active objects × object size summed over
+/// /proc/slabinfo (readable by root). Elsewhere `Slab:` of /proc/meminfo, which also counts
+/// the free objects slab pages keep after a run, so a run after a bigger one reads low there.
 pub fn kernel_slab() -> u64 {
+    let in_use: u64 = std::fs::read_to_string("/proc/slabinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.starts_with("slabinfo"))
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let active: u64 = fields.next()?.parse().ok()?;
+            let _allocated = fields.next()?;
+            let size: u64 = fields.next()?.parse().ok()?;
+            Some(active * size)
+        })
+        .sum();
+    if in_use > 0 {
+        return in_use;
+    }
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     text.lines()
         .find_map(|line| line.strip_prefix("Slab:"))

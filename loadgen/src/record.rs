@@ -376,8 +376,10 @@ pub struct KernelUsage {
     pub tcp_mem_peak: u64,
     /// TCP sockets in use with every session idle.
     pub tcp_sockets_idle: u64,
-    /// Kernel slab memory before any session, bytes (/proc/meminfo `Slab`): where socket,
-    /// inode and epoll structures live (sockstat's TCP memory counts only buffers).
+    /// Kernel slab memory in use before any session, bytes (active objects × size from
+    /// /proc/slabinfo; /proc/meminfo `Slab` where that is unreadable, as in records before
+    /// 2026-12-04T04): where socket, inode and epoll structures live (sockstat's TCP memory
+    /// counts only buffers).
     #[serde(default)]
     pub slab_before: u64,
     /// Kernel slab memory with every session idle, bytes.
@@ -642,11 +644,15 @@ pub fn git_revision() -> Option<String> {
     })
 }
 
-/// Writes the record as `runs/<stamp>-<label>-c<conns>.json` under `dir`; returns its path.
+/// Writes the record as `runs/<stamp>-<label>-c<conns>.json` under `dir` (an agent's with
+/// `-agent-<I>-of-<K>` before `.json`); returns its path.
 pub fn write(dir: &Path, stamp: &str, record: &Record) -> anyhow::Result<PathBuf> {
     let runs = dir.join("runs");
     std::fs::create_dir_all(&runs).with_context(|| format!("cannot create {}", runs.display()))?;
-    let base = format!("{stamp}-{}-c{}", record.config.label, record.config.conns);
+    let mut base = format!("{stamp}-{}-c{}", record.config.label, record.config.conns);
+    if let Some(segment) = record.config.segment {
+        base.push_str(&format!("-agent-{}-of-{}", segment.index, segment.count));
+    }
     let text = serde_json::to_string_pretty(record)? + "\n";
     // Two runs of one point can end within the stamp's second: never overwrite a record.
     for attempt in 1..=1000 {

@@ -58,6 +58,13 @@ const RAMP_SLACK: Duration = Duration::from_secs(2);
 /// How often an agent reports its progress to the parent.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
 
+/// How long the ramp of a run on a shared schedule may take: sessions ÷ ramp rate, a
+/// quarter more, and [`RAMP_SLACK`] (the same for every agent, and for `loadgen sample`).
+pub fn ramp_budget(args: &RunArgs) -> Duration {
+    let ramp = Duration::from_secs_f64(args.conns as f64 / args.ramp_rate.max(1e-3));
+    ramp.mul_f64(1.25) + RAMP_SLACK
+}
+
 /// The phases of a run on absolute times (--start-at): every agent of a run, on any host,
 /// ramps, idles, warms up and measures at the same instants.
 #[derive(Debug, Clone)]
@@ -87,8 +94,7 @@ impl Timeline {
                 late.duration().as_secs_f64()
             )
         })?;
-        let ramp = Duration::from_secs_f64(args.conns as f64 / args.ramp_rate.max(1e-3));
-        let ramp_budget = ramp.mul_f64(1.25) + RAMP_SLACK;
+        let ramp_budget = ramp_budget(args);
         let ramp_start = now + ahead;
         let idle_start = ramp_start + ramp_budget;
         let warmup_start = idle_start + args.idle_hold;

@@ -677,3 +677,117 @@ fn an_agent_that_dies_stops_the_run_and_every_other_process() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A child that is killed when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a server that prints `listening on ADDR` on stdout; returns it and the address.
+fn listening(mut command: Command) -> (Reaped, String) {
+    let mut child = Reaped(
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn server"),
+    );
+    let stdout = child.0.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines.next().expect("a first line").expect("read line");
+    let addr = line
+        .strip_prefix("listening on ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    std::thread::spawn(move || lines.count());
+    (child, addr)
+}
+
+#[test]
+fn a_proxy_hosts_sample_makes_the_merged_records_proxy_section() {
+    let _machine = shared_machine();
+    ensure_proxy_built();
+    let dir = temp_dir("sample");
+    let loadgen_bin = Path::new(env!("CARGO_BIN_EXE_loadgen"));
+    let mut proxy_command = Command::new(loadgen_bin.with_file_name("proxy"));
+    proxy_command.args(["--listen", "127.0.0.1:0", "--mode", "epoll"]);
+    let (proxy, proxy_addr) = listening(proxy_command);
+    let mut echo_command = Command::new(loadgen_bin);
+    echo_command.args(["echo", "--listen", "127.0.0.1:0"]);
+    let (_echo, echo_addr) = listening(echo_command);
+
+    // As on separate hosts: two agents that only know the proxy's address, and the sampler
+    // beside the proxy, all on one shared start.
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+        + 3.0;
+    let start = format!("{start:.3}");
+    let run = ["--conns", "40", "--rate", "400", "--start-at", &start];
+    let sample_file = dir.join("sample.json");
+    // The sampler takes the run's flags after its subcommand, the same values the agents got.
+    let sampler = Command::new(loadgen_bin)
+        .arg("sample")
+        .args([
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--idle-hold",
+            "200ms",
+        ])
+        .args(run)
+        .args(["--pid", &proxy.0.id().to_string(), "--out"])
+        .arg(&sample_file)
+        .spawn()
+        .expect("spawn sampler");
+    let agents: Vec<_> = (0..2)
+        .map(|index| {
+            loadgen(&run)
+                .args(["--segment", &format!("{index}/2")])
+                .args(["--proxy", &proxy_addr, "--echo", &echo_addr, "--results"])
+                .arg(&dir)
+                .spawn()
+                .expect("spawn agent")
+        })
+        .collect();
+    for mut child in agents.into_iter().chain([sampler]) {
+        let status = child.wait().expect("wait");
+        assert!(status.success(), "{status}");
+    }
+    let records = json_files_under(&dir.join("runs"));
+    assert_eq!(records.len(), 2, "{records:?}");
+
+    let merge = |extra: &[&Path]| {
+        let output = Command::new(loadgen_bin)
+            .args(["merge", "--json"])
+            .args(&records)
+            .args(extra)
+            .output()
+            .expect("run merge");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<Value>(&output.stdout).expect("merged JSON")
+    };
+    // Agents that dialed an address cannot see the proxy's processes ...
+    let blind = merge(&[]);
+    assert_eq!(u(&blind, &["proxy", "processes"]), 0);
+    // ... the sample from its host can.
+    let merged = merge(&[&sample_file]);
+    assert_eq!(merged["outcome"], "ok");
+    assert_eq!(u(&merged, &["sessions", "established"]), 40);
+    assert_eq!(u(&merged, &["proxy", "processes"]), 1);
+    assert!(u(&merged, &["proxy", "rss_idle"]) > 0);
+    assert!(merged["proxy"]["rss_per_session_idle"].as_f64().is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -55,7 +55,8 @@ pub fn load(dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<Record>> {
         let text = std::fs::read_to_string(&path)?;
         let record: Record = serde_json::from_str(&text)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        if record.schema_version > record::SCHEMA_VERSION {
+        // Newer schemas are unknown here; an agent's record is a part of a merged one.
+        if record.schema_version > record::SCHEMA_VERSION || record.config.segment.is_some() {
             continue;
         }
         if tag.is_some_and(|tag| record.config.tag.as_deref() != Some(tag)) {
