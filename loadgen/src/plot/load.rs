@@ -165,8 +165,13 @@ pub fn comparable(tag: &str, records: &[Record]) -> anyhow::Result<()> {
         ("warm-ups", |r| Some(format!("{} s", r.config.warmup_s))),
         ("pacers", |r| r.harness.pacer.clone()),
         ("arrivals", |r| r.harness.arrivals.clone()),
+        // A merged run's pacer threads are its agents' summed, and a sweep gives bigger
+        // points more agents: what must match is each agent's pacing.
         ("pacer threads", |r| {
-            r.config.rate.map(|_| r.harness.pacer_threads.to_string())
+            r.config.rate.map(|_| match r.config.segments.len() {
+                0 => r.harness.pacer_threads.to_string(),
+                agents => format!("{} per agent", r.harness.pacer_threads / agents),
+            })
         }),
     ];
     for (what, key) in keys {

@@ -393,12 +393,20 @@ pub(super) fn report(
             None => " (no manifest in `sweeps/`: named by `--tag`)".to_owned(),
         },
     );
+    // scripts/c10k.sh names its sweeps by what they ran.
+    let regenerate = if sweep.tag.starts_with("c100k-") {
+        "`scripts/c10k.sh --c100k` (about 55 minutes) and these charts and tables with \
+         `./target/release/loadgen plot --results results/c100k`; `loadgen plot --check \
+         --results results/c100k`"
+    } else {
+        "`scripts/c10k.sh` (about 50 minutes with the other servers; `--quick` for a smaller \
+         matrix) and these charts and tables with `./target/release/loadgen plot`; \
+         `loadgen plot --check`"
+    };
     let _ = writeln!(
         out,
         "Sweep `{}`: revision {}, {} ({} cores), Linux {}, host `{}`, {} … {}. Regenerate the runs \
-         with `scripts/c10k.sh` (about 50 minutes with the other servers; `--quick` for a smaller \
-         matrix) and these charts and tables with `./target/release/loadgen plot`; \
-         `loadgen plot --check` verifies they match the records.\n",
+         with {regenerate} verifies they match the records.\n",
         sweep.tag,
         records[0].git_revision.as_deref().unwrap_or("unknown"),
         host.cpu_model,
