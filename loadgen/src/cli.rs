@@ -259,7 +259,8 @@ pub struct RunArgs {
     pub seed: u64,
 
     /// Source addresses 127.0.0.1..=127.0.0.K that sessions are spread over
-    /// [default: one per 8,000 sessions].
+    /// [default: one per 8,000 sessions; ignored when --proxy is not on loopback: the
+    /// kernel picks the source].
     #[arg(long)]
     pub sources: Option<u8>,
 

@@ -199,9 +199,16 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<Resources> {
             usize::from,
         )
         .max(1);
-    let sources = (0..sources_count)
-        .map(|i| Ipv4Addr::new(127, 0, 0, 1 + i as u8))
-        .collect();
+    // Extra source addresses only exist on loopback: a proxy (or echo target) on another
+    // host is reached from the address the kernel routes from.
+    let first_hop = args.proxy.or_else(|| args.echo.first().copied());
+    let sources = if first_hop.is_some_and(|addr| !addr.ip().is_loopback()) {
+        vec![Ipv4Addr::UNSPECIFIED]
+    } else {
+        (0..sources_count)
+            .map(|i| Ipv4Addr::new(127, 0, 0, 1 + i as u8))
+            .collect()
+    };
     // Echo processes hold one socket per session each, under the same limit; one listening
     // address per source address at least (so the proxy's outgoing connections spread over
     // as many address pairs), the same number for each process.

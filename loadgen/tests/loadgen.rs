@@ -341,14 +341,20 @@ fn schedule_run(arrivals: &str) -> Judged {
     }
     let control_p99 = u(harness, &["control_sleep_late_us", "p99"]);
     let steal = harness["host_steal_share"].as_f64().unwrap_or(0.0);
+    // What the rest of the host ran meanwhile (the echo target's share is a few per cent).
+    let others = harness["host_busy_cores"].as_f64().unwrap_or(0.0)
+        - harness["loadgen_cores"].as_f64().unwrap_or(0.0);
     let what = format!(
         "lateness p90 {p90} µs, {late:.3} of sends > 50 µs late, dispatched {dispatched} of \
-         {offered}; control sleeper p99 {control_p99} µs late, host steal {:.1} %",
+         {offered}; control sleeper p99 {control_p99} µs late, host steal {:.1} %, other \
+         processes {others:.2} cores busy",
         steal * 100.0
     );
-    // A 1 ms sleep waking more than 1 ms late at p99, or a hypervisor taking over 2 % of the
-    // CPU, is the host stalling, not the pacer.
-    if control_p99 > 1000 || steal > 0.02 {
+    // A 1 ms sleep waking more than 1 ms late at p99, a hypervisor taking over 2 % of the CPU,
+    // or other processes keeping half a core busy (a build beside the tests: a sleeper still
+    // wakes on time, being owed CPU, while a pacer that polls near its deadline waits for a
+    // core) is the host, not the pacer.
+    if control_p99 > 1000 || steal > 0.02 || others > 0.5 {
         return Judged::HostDisturbed(what);
     }
     panic!("{arrivals}: the schedule was not kept on a quiet host: {what}");
@@ -789,5 +795,56 @@ fn a_proxy_hosts_sample_makes_the_merged_records_proxy_section() {
     assert_eq!(u(&merged, &["proxy", "processes"]), 1);
     assert!(u(&merged, &["proxy", "rss_idle"]) > 0);
     assert!(merged["proxy"]["rss_per_session_idle"].as_f64().is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_run_across_namespaces_behind_haproxy_merges_into_one_record() {
+    let _machine = shared_machine();
+    ensure_proxy_built();
+    let dir = temp_dir("multihost");
+    let loadgen_bin = Path::new(env!("CARGO_BIN_EXE_loadgen"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/multihost.sh");
+    let output = Command::new("bash")
+        .arg(script)
+        .args(["--quick", "--results"])
+        .arg(&dir)
+        .env("LOADGEN", loadgen_bin)
+        .env("PROXY", loadgen_bin.with_file_name("proxy"))
+        .output()
+        .expect("run scripts/multihost.sh");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if output.status.code() == Some(77) {
+        // No root, no namespaces or no haproxy here: the script said which.
+        eprintln!("{}", stdout.trim());
+        return;
+    }
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let merged = the_record(&dir);
+    assert_eq!(merged["outcome"], "ok");
+    assert_eq!(u(&merged, &["sessions", "requested"]), 400);
+    assert_eq!(u(&merged, &["sessions", "established"]), 400);
+    assert!(u(&merged, &["messages", "count"]) > 0);
+    assert_eq!(u(&merged, &["messages", "corrupted"]), 0);
+    assert_eq!(
+        merged["config"]["segments"].as_array().map(Vec::len),
+        Some(2)
+    );
+    // Both proxy hosts measured by their samplers, summed into one proxy section.
+    assert_eq!(u(&merged, &["proxy", "processes"]), 2);
+    // The balancer spread the sessions over both proxy hosts (and the proxies admitted them:
+    // only the PROXY header's client address is in their --allow-client).
+    let balancer: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("parts").join("balancer.json")).expect("balancer.json"),
+    )
+    .expect("JSON");
+    let p0 = u(&balancer, &["sessions_by_proxy_host", "p0"]);
+    let p1 = u(&balancer, &["sessions_by_proxy_host", "p1"]);
+    assert_eq!(p0 + p1, 400, "{balancer}");
+    assert!(p0 > 0 && p1 > 0, "{balancer}");
     let _ = std::fs::remove_dir_all(&dir);
 }
