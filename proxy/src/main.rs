@@ -1,5 +1,6 @@
 //! `proxy`: the SOCKS5 server's command line.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -8,11 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
 
-use proxy::config::{parse_cidr, parse_duration, parse_size};
+use proxy::config::file::flags_from_file;
+use proxy::config::{parse_cidr, parse_duration, parse_size, LiveConfig};
 use proxy::net::{limits, listener};
 use proxy::{modes, workers, Acl, Config, Mode, Shutdown};
 
@@ -21,10 +24,17 @@ use proxy::{modes, workers, Acl, Config, Mode, Shutdown};
 ///
 /// Prints `listening on <ADDR> mode=<MODE>` on stdout once it accepts connections.
 /// SIGINT/SIGTERM stop accepting and let sessions finish for --grace; a second signal exits
-/// at once.
+/// at once. SIGHUP reloads --config and --users-file: new sessions get the new users, rules
+/// and timeouts, established ones are not touched.
 #[derive(Debug, Parser)]
 #[command(name = "proxy", version)]
 struct Args {
+    /// Read settings from this TOML file: every long flag is a key with the same name and
+    /// meaning (`listen = "0.0.0.0:1080"`, `deny-dest = ["10.0.0.0/8"]`); a flag given on the
+    /// command line wins over the file. Reloaded on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:1080", value_name = "ADDR")]
     listen: SocketAddr,
@@ -126,12 +136,21 @@ struct Args {
 const MIN_DESCRIPTORS: u64 = 32;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let command_line: Vec<OsString> = std::env::args_os().collect();
+    // Errors in the command line itself (and --help) print as clap prints them.
+    let matches = Args::command().get_matches_from(&command_line);
+    let args = match with_config_file(&command_line, &matches) {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("proxy: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
     if let Err(err) = init_logging(args.log_level.as_deref()) {
         eprintln!("proxy: {err:#}");
         return ExitCode::from(2);
     }
-    match start(args) {
+    match start(args, command_line) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("proxy: {err:#}");
@@ -156,9 +175,26 @@ fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start(args: Args) -> anyhow::Result<()> {
+/// The settings: the command line's, and for the flags it leaves out, those of its --config
+/// file.
+fn with_config_file(command_line: &[OsString], matches: &ArgMatches) -> anyhow::Result<Args> {
+    let args = Args::from_arg_matches(matches)?;
+    let Some(path) = &args.config else {
+        return Ok(args);
+    };
+    let from_file = flags_from_file(path, &Args::command(), |id| {
+        matches.value_source(id) == Some(ValueSource::CommandLine)
+    })?;
+    let mut all = command_line[..1].to_vec();
+    all.extend(from_file);
+    all.extend_from_slice(&command_line[1..]);
+    Args::try_parse_from(all).map_err(|err| anyhow::anyhow!("{}", err.render()))
+}
+
+/// The server's settings from the parsed flags (reads the users file).
+fn build_config(args: &Args) -> anyhow::Result<Config> {
     let users = proxy::config::users::load(&args.users, args.users_file.as_deref())?;
-    let config = Arc::new(Config {
+    Ok(Config {
         users,
         acl: Acl {
             allow_clients: args.allow_clients.clone(),
@@ -176,7 +212,50 @@ fn start(args: Args) -> anyhow::Result<()> {
         udp_advertise: args.udp_advertise,
         batch_window: args.batch_window,
         uring_slots: args.uring_slots,
-    });
+    })
+}
+
+/// Reads the command line's settings again (the --config file and the users file as they are
+/// now) for SIGHUP. What the running server was built with (listen address, mode, threads,
+/// workers) keeps its value; a change there is logged as needing a restart.
+fn reload(command_line: &[OsString], running: &Args, live: &LiveConfig) -> anyhow::Result<()> {
+    let matches = Args::command().try_get_matches_from(command_line)?;
+    let args = with_config_file(command_line, &matches)?;
+    let mut config = build_config(&args)?;
+    let current = live.load();
+    config.threads = current.threads;
+    config.stack_size = current.stack_size;
+    config.batch_window = current.batch_window;
+    config.uring_slots = current.uring_slots;
+    let fixed = [
+        ("listen", args.listen != running.listen),
+        ("mode", args.mode != running.mode),
+        ("threads", args.threads != running.threads),
+        ("workers", args.workers != running.workers),
+        ("batch-window", args.batch_window != running.batch_window),
+        ("stack-size", args.stack_size != running.stack_size),
+        ("log-level", args.log_level != running.log_level),
+    ];
+    for (key, changed) in fixed {
+        if changed {
+            tracing::warn!("reload: '{key}' changed; it takes effect at the next restart");
+        }
+    }
+    let summary = format!(
+        "users={} allow_client={} allow_dest={} deny_dest={} trusted_proxy={}",
+        config.users.as_ref().map_or(0, |u| u.len()),
+        config.acl.allow_clients.len(),
+        config.acl.allow_dests.len(),
+        config.acl.deny_dests.len(),
+        config.trusted_proxies.len(),
+    );
+    live.replace(Arc::new(config));
+    tracing::info!("reloaded: new sessions use these settings: {summary}");
+    Ok(())
+}
+
+fn start(args: Args, command_line: Vec<OsString>) -> anyhow::Result<()> {
+    let config = Arc::new(build_config(&args)?);
     if args.mode == Mode::Uring {
         modes::uring::probe(args.batch_window)
             .map_err(|err| anyhow::anyhow!("--mode uring: {err}"))?;
@@ -216,18 +295,23 @@ fn start(args: Args) -> anyhow::Result<()> {
         warn_if_open(&config, bound);
     }
     let shutdown = Shutdown::new();
-    spawn_signal_handler(shutdown.clone())?;
+    let mode = args.mode;
+    let live = LiveConfig::new(config.clone());
+    let reload_live = live.clone();
+    spawn_signal_handler(shutdown.clone(), move || {
+        if let Err(err) = reload(&command_line, &args, &reload_live) {
+            tracing::error!("reload failed, the current settings stay: {err:#}");
+        }
+    })?;
 
-    let threads = config
-        .threads
-        .unwrap_or_else(|| args.mode.default_threads());
+    let threads = config.threads.unwrap_or_else(|| mode.default_threads());
     tracing::info!(
-        mode = %args.mode,
+        mode = %mode,
         threads,
         auth = config.users.as_ref().map_or(0, |u| u.len()),
         "descriptor limit {descriptors} allows about {} sessions ({})",
-        args.mode.sessions_per_process(descriptors, threads),
-        if args.mode == Mode::Uring {
+        mode.sessions_per_process(descriptors, threads),
+        if mode == Mode::Uring {
             "in each ring's direct descriptor table, as large as the limit"
         } else {
             "2 descriptors each"
@@ -238,12 +322,11 @@ fn start(args: Args) -> anyhow::Result<()> {
         writeln!(
             stdout,
             "{}",
-            listener::ready_line(&[bound], Some(args.mode.name()))
+            listener::ready_line(&[bound], Some(mode.name()))
         )?;
         stdout.flush()
     };
-    modes::run_announced(listener, config, args.mode, shutdown, announce)
-        .context("server failed")?;
+    modes::run_announced(listener, live, mode, shutdown, announce).context("server failed")?;
     tracing::info!("shut down cleanly");
     Ok(())
 }
@@ -283,27 +366,37 @@ fn warn_if_open(config: &Config, bound: SocketAddr) {
     }
 }
 
-/// Installs SIGINT/SIGTERM handlers on a small thread of their own, so they work the same
+/// Installs SIGINT/SIGTERM (shutdown) and SIGHUP (`reload`) handlers on a small thread of their own, so they work the same
 /// whatever the mode. Returns once the handlers are installed.
-fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
+fn spawn_signal_handler(
+    shutdown: Shutdown,
+    reload: impl Fn() + Send + 'static,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the signal thread")?;
-    let (mut interrupt, mut terminate) = runtime.block_on(async {
+    let (mut interrupt, mut terminate, mut hangup) = runtime.block_on(async {
         Ok::<_, std::io::Error>((
             signal(SignalKind::interrupt())?,
             signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
         ))
     })?;
     std::thread::Builder::new()
         .name("proxy-signals".into())
         .spawn(move || {
             runtime.block_on(async {
-                tokio::select! {
-                    _ = interrupt.recv() => {}
-                    _ = terminate.recv() => {}
+                loop {
+                    tokio::select! {
+                        _ = interrupt.recv() => break,
+                        _ = terminate.recv() => break,
+                        _ = hangup.recv() => {
+                            tracing::info!("SIGHUP: reloading the settings");
+                            reload();
+                        }
+                    }
                 }
                 tracing::info!("signal received: no new sessions; draining");
                 shutdown.trigger();

@@ -174,6 +174,8 @@ pub fn supervise(
         let program: OsString = std::env::current_exe()?.into();
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
+        // Installed before any worker starts: SIGHUP's default action would end the supervisor.
+        let mut hangup = signal(SignalKind::hangup())?;
         let (reports_tx, mut reports) = mpsc::unbounded_channel();
         let mut workers = Vec::with_capacity(count);
         for index in 0..count {
@@ -220,6 +222,17 @@ pub fn supervise(
             tokio::select! {
                 _ = interrupt.recv() => break Signal::INT,
                 _ = terminate.recv() => break Signal::TERM,
+                _ = hangup.recv() => {
+                    // Each worker reloads its own settings; one still starting reads the
+                    // file as it is now anyway (and has no handler yet).
+                    let ready: Vec<&Worker> = workers.iter().filter(|w| w.ready).collect();
+                    tracing::info!("SIGHUP: asking {} workers to reload", ready.len());
+                    for worker in ready {
+                        if let Some(pid) = worker.pid {
+                            let _ = kill_process(pid, Signal::HUP);
+                        }
+                    }
+                }
                 report = reports.recv() => match report {
                     Some(Report::Exited { index, generation, status, .. })
                         if workers[index].generation == generation =>

@@ -260,6 +260,73 @@ fn a_descriptor_limit_too_low_to_serve_is_refused_before_the_ready_line() {
 /// name) all get 0x02 without being contacted, in every mode.
 fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(mode: Mode) {
     let users = temp_file("hardened-users", "alice:s3cret\n", 0o600);
+    let mut command = Command::new(proxy_binary());
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        mode.name(),
+        "--users-file",
+    ]);
+    command.arg(&users).args(HARDENED_FLAGS);
+    hardened_server_behaves(mode, command);
+}
+
+/// The same server from `contrib/proxy.toml` (the README's hardened example as a config file),
+/// the command line placing it on loopback: its --listen, --mode, --users-file and
+/// --allow-client win over the file's; the deny rules, timeouts and limits come from the file.
+fn a_config_file_equivalent_to_the_hardened_example_starts_the_same_server(mode: Mode) {
+    let users = temp_file("hardened-users-file", "alice:s3cret\n", 0o600);
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/proxy.toml");
+    let mut command = Command::new(proxy_binary());
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        mode.name(),
+        "--users-file",
+    ]);
+    command.arg(&users);
+    command.args([
+        "--allow-client",
+        "127.0.0.2/32",
+        "--log-level",
+        "error",
+        "--config",
+    ]);
+    command.arg(&config);
+    hardened_server_behaves(mode, command);
+}
+
+/// The README's hardened example's rules, on loopback (the listed client is 127.0.0.2).
+const HARDENED_FLAGS: &[&str] = &[
+    "--allow-client",
+    "127.0.0.2/32",
+    "--deny-dest",
+    "127.0.0.0/8",
+    "--deny-dest",
+    "::1/128",
+    "--deny-dest",
+    "169.254.0.0/16",
+    "--deny-dest",
+    "fe80::/10",
+    "--deny-dest",
+    "10.0.0.0/8",
+    "--deny-dest",
+    "172.16.0.0/12",
+    "--deny-dest",
+    "192.168.0.0/16",
+    "--deny-dest",
+    "fc00::/7",
+    "--idle-timeout",
+    "10m",
+    "--max-sessions",
+    "5000",
+    "--log-level",
+    "error",
+];
+
+fn hardened_server_behaves(mode: Mode, command: Command) {
     let contacted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = contacted.clone();
     let echo = Target::spawn("127.0.0.1:0", move |_| {
@@ -277,40 +344,13 @@ fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(
         TargetAddr::Ip("[::ffff:10.0.0.1]:80".parse().expect("addr")),
         TargetAddr::Domain("localhost".into(), echo.addr.port()),
     ];
-    let mut command = Command::new(proxy_binary());
-    command.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--mode",
-        mode.name(),
-        "--users-file",
-        users.to_str().expect("path"),
-        "--allow-client",
-        "127.0.0.2/32",
-        "--deny-dest",
-        "127.0.0.0/8",
-        "--deny-dest",
-        "::1/128",
-        "--deny-dest",
-        "169.254.0.0/16",
-        "--deny-dest",
-        "fe80::/10",
-        "--deny-dest",
-        "10.0.0.0/8",
-        "--deny-dest",
-        "172.16.0.0/12",
-        "--deny-dest",
-        "192.168.0.0/16",
-        "--deny-dest",
-        "fc00::/7",
-        "--idle-timeout",
-        "10m",
-        "--max-sessions",
-        "5000",
-        "--log-level",
-        "error",
-    ]);
     let proxy = ProxyProcess::spawn(command);
+    assert!(proxy.addr.ip().is_loopback(), "{}", proxy.ready_line);
+    assert!(
+        proxy.ready_line.contains(&format!("mode={}", mode.name())),
+        "{}",
+        proxy.ready_line
+    );
 
     // A client that is not listed: closed before any reply.
     let mut unlisted = connect(proxy.addr);
@@ -346,5 +386,166 @@ fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(
 
 per_mode!(
     the_readme_hardened_example_denies_private_destinations_and_unlisted_clients,
+    a_config_file_equivalent_to_the_hardened_example_starts_the_same_server,
+    sighup_reloads_settings,
     descriptor_exhaustion_refuses_cleanly_and_recovers,
 );
+
+/// A proxy whose stderr lines arrive on a channel as they are written, so a test can wait
+/// for the log line that says a reload was done (or refused).
+struct Logged {
+    proxy: ProxyProcess,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Logged {
+    fn start(args: &[&std::ffi::OsStr]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(proxy_binary())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn proxy");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Logged {
+            proxy: ProxyProcess::spawn_from(child),
+            lines,
+        }
+    }
+
+    /// Waits (bounded) until `count` log lines containing `text` have been written.
+    #[track_caller]
+    fn wait_for(&self, text: &str, count: usize) -> String {
+        let mut seen = Vec::new();
+        let mut found = 0;
+        while found < count {
+            let line = self
+                .lines
+                .recv_timeout(IO_TIMEOUT)
+                .unwrap_or_else(|_| panic!("no log line with {text:?}; saw {seen:#?}"));
+            if line.contains(text) {
+                found += 1;
+            }
+            seen.push(line);
+        }
+        seen.join("\n")
+    }
+}
+
+/// Whether `name:password` may open a session now (a fresh connection).
+fn authenticates(proxy: std::net::SocketAddr, name: &str, password: &str) -> bool {
+    let mut stream = connect(proxy);
+    negotiate(&mut stream, Some((name, password))).is_ok()
+}
+
+/// SIGHUP re-reads the config file and the users file: a user added reaches new sessions at
+/// once (in every worker), a session opened before keeps relaying, and a broken file or users
+/// file leaves the settings as they were, saying why.
+fn sighup_reloads_users_and_rules_and_a_broken_file_changes_nothing(mode: Mode, workers: u16) {
+    let tag = format!("{}-{workers}", mode.name());
+    let users = temp_file(&format!("reload-users-{tag}"), "alice:one\n", 0o600);
+    let config = temp_file(
+        &format!("reload-{tag}.toml"),
+        &format!(
+            "users-file = {:?}\nlog-level = \"info\"\n",
+            users.to_str().expect("path")
+        ),
+        0o600,
+    );
+    let workers_arg = workers.to_string();
+    let args: Vec<&std::ffi::OsStr> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        mode.name(),
+        "--workers",
+        &workers_arg,
+        "--config",
+    ]
+    .into_iter()
+    .map(std::ffi::OsStr::new)
+    .chain([config.as_os_str()])
+    .collect();
+    let logged = Logged::start(&args);
+    let addr = logged.proxy.addr;
+    let echo = Target::echo("127.0.0.1:0");
+    let mut alice = connect(addr);
+    negotiate(&mut alice, Some(("alice", "one"))).expect("alice authenticates");
+    let (code, _) = request_on(
+        &mut alice,
+        proxy::socks5::Command::Connect,
+        &TargetAddr::Ip(echo.addr),
+    )
+    .expect("reply");
+    assert_eq!(code, ReplyCode::Succeeded);
+    assert_echo(&mut alice, b"before the reload");
+    assert!(!authenticates(addr, "bob", "two"), "{tag}: bob before");
+
+    // Bob is added: every new session (whichever worker takes it) knows him.
+    std::fs::write(&users, "alice:one\nbob:two\n").expect("write users");
+    logged.proxy.signal(Signal::HUP);
+    logged.wait_for("reloaded", usize::from(workers));
+    for _ in 0..4 {
+        assert!(authenticates(addr, "bob", "two"), "{tag}: bob after");
+    }
+    assert_echo(&mut alice, b"after the reload");
+
+    // A users file with a broken line, and then a config file that is not TOML: refused, and
+    // bob (whom both would remove) stays.
+    std::fs::write(&users, "alice:one\nno colon here\n").expect("write users");
+    logged.proxy.signal(Signal::HUP);
+    let log = logged.wait_for("reload failed", usize::from(workers));
+    assert!(log.contains(":2:"), "{tag}: {log}");
+    std::fs::write(&users, "alice:one\n").expect("write users");
+    std::fs::write(&config, "users-file = [unclosed\n").expect("write config");
+    logged.proxy.signal(Signal::HUP);
+    let log = logged.wait_for("reload failed", usize::from(workers));
+    assert!(log.contains("TOML"), "{tag}: {log}");
+    for _ in 0..4 {
+        assert!(
+            authenticates(addr, "bob", "two"),
+            "{tag}: bob after a broken reload"
+        );
+    }
+    assert_echo(&mut alice, b"after a broken reload");
+}
+
+fn sighup_reloads_settings(mode: Mode) {
+    sighup_reloads_users_and_rules_and_a_broken_file_changes_nothing(mode, 1);
+}
+
+#[test]
+fn sighup_reaches_every_worker() {
+    sighup_reloads_users_and_rules_and_a_broken_file_changes_nothing(Mode::Epoll, 2);
+}
+
+#[test]
+fn bad_config_files_exit_2_naming_the_key() {
+    let cases = [
+        ("listn = \"127.0.0.1:0\"\n", "unknown key 'listn'"),
+        ("threads = 0\n", "key 'threads'"),
+        ("deny-dest = [\"10.0.0.0/33\"]\n", "key 'deny-dest'"),
+        ("mode = \"fork\"\n", "key 'mode'"),
+        ("listen = \n", "not valid TOML"),
+    ];
+    for (index, (text, expected)) in cases.into_iter().enumerate() {
+        let path = temp_file(&format!("bad-config-{index}.toml"), text, 0o600);
+        let (code, stderr) = run_to_exit(&["--config", path.to_str().expect("path")]);
+        assert_eq!(code, Some(2), "{text}: {stderr}");
+        assert!(stderr.contains(expected), "{text}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{text}: {stderr}");
+    }
+    let (code, stderr) = run_to_exit(&["--config", "/nonexistent/proxy.toml"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cannot read config file"), "{stderr}");
+}

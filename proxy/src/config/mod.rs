@@ -8,7 +8,11 @@ use ipnet::IpNet;
 
 use crate::socks5::auth::UserDb;
 
+pub mod file;
+pub mod live;
 pub mod users;
+
+pub use live::{LiveConfig, LoopConfig};
 
 /// Everything a server mode needs to know besides its listener.
 #[derive(Debug, Clone)]

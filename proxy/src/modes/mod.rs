@@ -18,9 +18,8 @@
 
 use std::io;
 use std::net::TcpListener;
-use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::shutdown::Shutdown;
 
 pub mod async_tokio;
@@ -110,7 +109,7 @@ impl std::fmt::Display for Mode {
 /// Blocks the calling thread.
 pub fn run(
     listener: TcpListener,
-    config: Arc<Config>,
+    config: impl Into<LiveConfig>,
     mode: Mode,
     shutdown: Shutdown,
 ) -> io::Result<()> {
@@ -121,12 +120,16 @@ pub fn run(
 /// earlier wait in the listener's backlog): the moment to print a ready line.
 pub fn run_announced(
     listener: TcpListener,
-    config: Arc<Config>,
+    config: impl Into<LiveConfig>,
     mode: Mode,
     shutdown: Shutdown,
     ready: impl FnOnce() -> io::Result<()>,
 ) -> io::Result<()> {
+    let config: LiveConfig = config.into();
+    // How the mode is built (threads, rings) is fixed at start; a reload changes what sessions
+    // are allowed and how long they may take.
     let threads = config
+        .load()
         .threads
         .unwrap_or_else(|| mode.default_threads())
         .max(1);

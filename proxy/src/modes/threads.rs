@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
 use super::session::{self, Dialer, SessionError, EXHAUSTION_BACKOFF};
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 use crate::net::connect;
 use crate::net::limits;
 use crate::net::resolver::Resolver;
@@ -80,9 +80,10 @@ impl Drop for LiveGuard {
 }
 
 /// Serves with a thread per session until `shutdown`, then waits `config.grace` for sessions.
-pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io::Result<()> {
+/// Each session takes the configuration current when it is accepted.
+pub fn run(listener: TcpListener, config: LiveConfig, shutdown: Shutdown) -> io::Result<()> {
     listener.set_nonblocking(true)?;
-    let stack_size = config.stack_size.unwrap_or(DEFAULT_STACK_SIZE);
+    let stack_size = config.load().stack_size.unwrap_or(DEFAULT_STACK_SIZE);
     let wake_acceptor = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
     let stop_sessions = Arc::new(eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?);
     {
@@ -114,7 +115,8 @@ pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io
         loop {
             match limits::new_descriptor(|| listener.accept()) {
                 Ok((client, peer)) => {
-                    if !spawn_session(client, peer, &config, &live, &stop_sessions, stack_size) {
+                    let current = config.load();
+                    if !spawn_session(client, peer, current, &live, &stop_sessions, stack_size) {
                         // No thread for them either: refuse the others waiting now rather
                         // than one per back-off.
                         limits::refuse_waiting(&listener);
@@ -139,6 +141,7 @@ pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io
     }
     drop(listener);
     if live.count() > 0 {
+        let config = config.load();
         session::log_draining(config.grace, live.count());
         if !live.wait_empty(Instant::now() + config.grace) {
             session::log_grace_over(live.count());
@@ -155,17 +158,16 @@ pub fn run(listener: TcpListener, config: Arc<Config>, shutdown: Shutdown) -> io
 fn spawn_session(
     client: TcpStream,
     peer: SocketAddr,
-    config: &Arc<Config>,
+    config: Arc<Config>,
     live: &Arc<LiveSessions>,
     stop: &Arc<OwnedFd>,
     stack_size: usize,
 ) -> bool {
-    if !session::admit(config, peer, live.count()) {
+    if !session::admit(&config, peer, live.count()) {
         return true;
     }
     live.add(1);
     let guard = LiveGuard(live.clone());
-    let config = config.clone();
     let stop = stop.clone();
     let spawned = std::thread::Builder::new()
         .stack_size(stack_size)

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::session::{self, Dialer, SessionError, EXHAUSTION_BACKOFF};
-use crate::config::{Acl, Config};
+use crate::config::{Acl, Config, LiveConfig};
 use crate::net::connect;
 use crate::net::limits;
 use crate::relay::{self, NonBlockingIo, Pipe, PipeState, ReadUntil, SCRATCH_SIZE};
@@ -51,12 +51,9 @@ fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
 }
 
 /// Serves SOCKS5 on `listener` until `shutdown` fires, then lets sessions finish for
-/// `config.grace` before closing the rest.
-pub async fn serve(
-    listener: TcpListener,
-    config: Arc<Config>,
-    shutdown: Shutdown,
-) -> io::Result<()> {
+/// `config.grace` before closing the rest. Each session takes the configuration current when
+/// it is accepted.
+pub async fn serve(listener: TcpListener, live: LiveConfig, shutdown: Shutdown) -> io::Result<()> {
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
@@ -65,10 +62,11 @@ pub async fn serve(
             accepted = accept(&listener) => match accepted {
                 Ok((stream, peer)) => {
                     while sessions.try_join_next().is_some() {}
+                    let config = live.load();
                     if !session::admit(&config, peer, sessions.len()) {
                         continue;
                     }
-                    sessions.spawn(session(stream, peer, config.clone()));
+                    sessions.spawn(session(stream, peer, config));
                 }
                 Err(err) if limits::is_resource_exhaustion(&err) => {
                     limits::refuse_on_exhaustion(&listener, &err, sessions.len());
@@ -89,6 +87,7 @@ pub async fn serve(
     drop(listener);
     while sessions.try_join_next().is_some() {}
     if !sessions.is_empty() {
+        let config = live.load();
         session::log_draining(config.grace, sessions.len());
         let drained = timeout(config.grace, async {
             while sessions.join_next().await.is_some() {}

@@ -163,7 +163,7 @@ pub(super) fn fail_request(negotiation: &mut Negotiation, failure: Failure) {
 pub(super) fn negotiate(
     session: &mut Session,
     key: usize,
-    ctx: &mut Context<'_>,
+    ctx: &mut Context,
     poller: &mut impl Poller,
     target_writable: bool,
 ) -> io::Result<Outcome> {
@@ -223,7 +223,7 @@ pub(super) fn negotiate(
                         negotiation.step = NegotiationStep::Closing;
                     }
                     Step::Request(request)
-                        if session::proxied_client_refused(ctx.config, &request) =>
+                        if session::proxied_client_refused(&ctx.config, &request) =>
                     {
                         fail_request(negotiation, Failure::DeniedByRule);
                     }
@@ -265,7 +265,7 @@ pub(super) fn negotiate(
 /// starts the next allowed address. `None` means the step changed and negotiation goes on.
 fn advance_connect(
     session: &mut Session,
-    ctx: &mut Context<'_>,
+    ctx: &mut Context,
     poller: &mut impl Poller,
     target_writable: bool,
 ) -> Option<Outcome> {
@@ -329,11 +329,7 @@ fn start_connect(addr: SocketAddr, poller: &impl Poller) -> Result<TcpStream, Fa
 }
 
 /// Moves bytes in the directions `wake` names, as far as they go.
-pub(super) fn relay(
-    session: &mut Session,
-    ctx: &mut Context<'_>,
-    wake: Wake,
-) -> io::Result<Outcome> {
+pub(super) fn relay(session: &mut Session, ctx: &mut Context, wake: Wake) -> io::Result<Outcome> {
     let Some(target) = &session.target else {
         return Ok(Outcome::Close { reset: false });
     };

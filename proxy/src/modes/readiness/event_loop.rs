@@ -27,7 +27,7 @@ use super::conn::{
     Outcome, Phase, Session, Side, Wake, OVER_POLLER_LIMIT, SELECT_REFUSED,
 };
 use super::poller::{Event, Interest, Poller, Token};
-use crate::config::Config;
+use crate::config::LoopConfig;
 use crate::modes::session::{self, Dialer, EXHAUSTION_BACKOFF};
 use crate::net::limits;
 use crate::net::resolver::Resolved;
@@ -48,8 +48,9 @@ pub struct Shared {
 }
 
 /// The loop's state besides its sessions (split so sessions can be borrowed alongside).
-pub(super) struct Context<'a> {
-    pub(super) config: &'a Config,
+pub(super) struct Context {
+    /// Refreshed once a turn: a reload reaches sessions accepted after it.
+    pub(super) config: LoopConfig,
     pub(super) edge: bool,
     pub(super) scratch: Box<[u8]>,
     pub(super) timers: BinaryHeap<Reverse<(Instant, usize, u32, u32)>>,
@@ -60,7 +61,7 @@ pub(super) struct Context<'a> {
     pub(super) waker: Arc<OwnedFd>,
 }
 
-impl Context<'_> {
+impl Context {
     pub(super) fn read_until(&self) -> ReadUntil {
         if self.edge {
             ReadUntil::WouldBlock
@@ -93,7 +94,7 @@ pub(super) fn wake(fd: &OwnedFd) {
 pub fn run<P: Poller>(
     mut poller: P,
     listener: TcpListener,
-    config: &Config,
+    config: LoopConfig,
     shutdown: &Shutdown,
     shared: &Shared,
 ) -> io::Result<()> {
@@ -142,7 +143,7 @@ struct EventLoop<'a, P: Poller> {
     again: Vec<(usize, u32)>,
     resolved_rx: Receiver<Resolved>,
     shared: &'a Shared,
-    ctx: Context<'a>,
+    ctx: Context,
 }
 
 impl<P: Poller> EventLoop<'_, P> {
@@ -172,6 +173,9 @@ impl<P: Poller> EventLoop<'_, P> {
             let timeout = self.next_timeout(grace_deadline);
             events.clear();
             self.poller.wait(&mut events, timeout)?;
+            // After the wait: a connection that woke it is served with a reload that came
+            // while it waited.
+            self.ctx.config.refresh();
             for event in &events {
                 match event.token {
                     LISTENER => self.accept_pending = true,
@@ -383,8 +387,8 @@ impl<P: Poller> EventLoop<'_, P> {
     }
 
     fn on_accepted(&mut self, client: TcpStream, peer: SocketAddr) {
-        let config = self.ctx.config;
-        if !session::admit(config, peer, self.shared.sessions.load(Ordering::Relaxed)) {
+        let config = self.ctx.config.get().clone();
+        if !session::admit(&config, peer, self.shared.sessions.load(Ordering::Relaxed)) {
             return;
         }
         if !self.poller.can_watch(client.as_raw_fd()) {
@@ -409,7 +413,7 @@ impl<P: Poller> EventLoop<'_, P> {
             target_interest: Interest::NONE,
             timer_ticket: 0,
             phase: Phase::Negotiating(Box::new(Negotiation {
-                handshake: session::new_handshake(config, peer),
+                handshake: session::new_handshake(&config, peer),
                 out: Vec::new(),
                 written: 0,
                 step: NegotiationStep::Reading,

@@ -8,7 +8,7 @@ use std::io;
 use std::net::TcpListener;
 use std::sync::atomic::AtomicUsize;
 
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::shutdown::Shutdown;
 
 mod conn;
@@ -42,7 +42,7 @@ pub enum Backend {
 /// loop to fail stops the others.
 pub fn run(
     listener: TcpListener,
-    config: &Config,
+    config: &LiveConfig,
     shutdown: &Shutdown,
     threads: usize,
     backend: Backend,
@@ -69,7 +69,7 @@ pub fn run(
 
 fn run_loops<P: Poller>(
     listener: TcpListener,
-    config: &Config,
+    config: &LiveConfig,
     shutdown: &Shutdown,
     threads: usize,
     make_poller: impl Fn() -> io::Result<P> + Sync,
@@ -78,8 +78,9 @@ fn run_loops<P: Poller>(
         sessions: AtomicUsize::new(0),
     };
     let run_one = |listener: TcpListener| {
-        let result = make_poller()
-            .and_then(|poller| event_loop::run(poller, listener, config, shutdown, &shared));
+        let result = make_poller().and_then(|poller| {
+            event_loop::run(poller, listener, config.for_loop(), shutdown, &shared)
+        });
         if let Err(err) = &result {
             tracing::error!("event loop failed: {err}");
             shutdown.trigger();

@@ -28,7 +28,7 @@ use slab::Slab;
 
 use super::sys::{Completion, Ring, BUF_LEN};
 use super::Shared;
-use crate::config::Config;
+use crate::config::LoopConfig;
 use crate::modes::session::{self, Dialer, EXHAUSTION_BACKOFF};
 use crate::net::connect;
 use crate::net::limits;
@@ -276,7 +276,8 @@ pub(super) struct EventLoop<'a> {
     resolved_rx: Receiver<Resolved>,
     waker: Arc<OwnedFd>,
     epoch: Instant,
-    config: &'a Config,
+    /// Refreshed once a turn: a reload reaches sessions accepted after it.
+    config: LoopConfig,
     shared: &'a Shared,
 }
 
@@ -285,7 +286,7 @@ impl<'a> EventLoop<'a> {
     /// that serves), direct table and buffers.
     pub(super) fn new(
         listener: TcpListener,
-        config: &'a Config,
+        config: LoopConfig,
         shutdown: &Shutdown,
         shared: &'a Shared,
     ) -> io::Result<Self> {
@@ -362,6 +363,9 @@ impl EventLoop<'_> {
             self.sync_accept()?;
             let timeout = self.next_timeout(grace_deadline);
             self.ring.wait(timeout, self.config.batch_window, BATCH)?;
+            // After the wait: a connection that woke it is served with a reload that came
+            // while it waited.
+            self.config.refresh();
             completions.clear();
             self.ring.reap(&mut completions);
             for completion in completions.drain(..) {
@@ -501,7 +505,7 @@ impl EventLoop<'_> {
         let peer = completion.held.as_ref().and_then(|held| held.peer());
         let open = self.shared.sessions.load(Ordering::Relaxed);
         let admitted = self.listener.is_some()
-            && peer.is_some_and(|peer| session::admit(self.config, peer, open));
+            && peer.is_some_and(|peer| session::admit(&self.config, peer, open));
         if admitted && !self.room_for_a_target() {
             TABLE_FULL.hit(&format_args!(
                 "{} sessions open, {} of {} slots used",
@@ -526,7 +530,7 @@ impl EventLoop<'_> {
             phase: Phase::Negotiating(Box::new(Negotiation {
                 handshake: peer.map_or_else(
                     || Handshake::new(self.config.users.clone()),
-                    |peer| session::new_handshake(self.config, peer),
+                    |peer| session::new_handshake(&self.config, peer),
                 ),
                 peer,
                 out: Vec::new(),
@@ -672,7 +676,7 @@ impl EventLoop<'_> {
 
     fn advance_handshake(&mut self, key: usize) -> io::Result<()> {
         let deadline = Instant::now() + self.config.connect_timeout;
-        let config = self.config;
+        let config = self.config.get().clone();
         let Some(negotiation) = self.negotiation(key) else {
             return Ok(());
         };
@@ -692,7 +696,7 @@ impl EventLoop<'_> {
                 negotiation.step = NegotiationStep::Closing;
                 self.send_reply(key)
             }
-            Step::Request(request) if session::proxied_client_refused(config, &request) => {
+            Step::Request(request) if session::proxied_client_refused(&config, &request) => {
                 self.fail_request(key, Failure::DeniedByRule)
             }
             Step::Request(request) if request.command != Command::Connect => {
@@ -833,7 +837,8 @@ impl EventLoop<'_> {
 
     /// Starts connecting to the next allowed address, or fails the request.
     fn connect_next(&mut self, key: usize) -> io::Result<()> {
-        let acl = &self.config.acl;
+        let config = self.config.get().clone();
+        let acl = &config.acl;
         let Some(negotiation) = self.negotiation(key) else {
             return Ok(());
         };

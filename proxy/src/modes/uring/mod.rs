@@ -25,7 +25,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::shutdown::Shutdown;
 
 mod event_loop;
@@ -73,7 +73,7 @@ struct Shared {
 /// that what is measured after it includes them).
 pub fn run(
     listener: TcpListener,
-    config: &Config,
+    config: &LiveConfig,
     shutdown: &Shutdown,
     threads: usize,
     ready: impl FnOnce() -> io::Result<()>,
@@ -96,7 +96,7 @@ pub fn run(
             let handle = std::thread::Builder::new()
                 .name(format!("proxy-ring-{i}"))
                 .spawn_scoped(scope, move || {
-                    let event_loop = EventLoop::new(listener, config, shutdown, shared);
+                    let event_loop = EventLoop::new(listener, config.for_loop(), shutdown, shared);
                     let _ = set_up.send(event_loop.is_ok());
                     event_loop
                         .and_then(|mut event_loop| event_loop.serve(shutdown))
@@ -104,15 +104,16 @@ pub fn run(
                 })?;
             others.push(handle);
         }
-        let mut result =
-            EventLoop::new(listener, config, shutdown, &shared).and_then(|mut event_loop| {
+        let mut result = EventLoop::new(listener, config.for_loop(), shutdown, &shared).and_then(
+            |mut event_loop| {
                 let all_set_up = (1..threads).all(|_| set_up_rx.recv().unwrap_or(false));
                 if !all_set_up {
                     return Err(io::Error::other("an io_uring event loop could not start"));
                 }
                 ready()?;
                 event_loop.serve(shutdown)
-            });
+            },
+        );
         if let Err(err) = result {
             result = Err(failed(err));
         }
