@@ -549,3 +549,55 @@ fn bad_config_files_exit_2_naming_the_key() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("cannot read config file"), "{stderr}");
 }
+
+/// `contrib/proxy.service` is a unit systemd accepts without a warning (with ExecStart pointed
+/// at the binary under test: `verify` checks that it exists), and keeps what it promises.
+#[test]
+fn the_service_unit_passes_systemd_analyze_verify() {
+    let unit_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/proxy.service");
+    let unit = std::fs::read_to_string(&unit_path).expect("contrib/proxy.service");
+    for line in [
+        "ExecStart=/usr/local/bin/proxy --config /etc/proxy/proxy.toml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "User=socks5",
+        "LimitNOFILE=1048576",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: systemd-analyze is not installed (Debian package systemd)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("proxy-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let tested = dir.join("proxy.service");
+    std::fs::write(
+        &tested,
+        unit.replace("/usr/local/bin/proxy", proxy_binary()),
+    )
+    .expect("write");
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&tested)
+        .output()
+        .expect("run systemd-analyze");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(output.status.success(), "{said}");
+    assert!(
+        said.trim().is_empty(),
+        "systemd-analyze verify warned: {said}"
+    );
+}
