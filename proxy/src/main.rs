@@ -14,6 +14,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
 
+use proxy::config::access_log::AccessLog;
 use proxy::config::file::flags_from_file;
 use proxy::config::{parse_cidr, parse_duration, parse_size, LiveConfig};
 use proxy::net::{limits, listener};
@@ -123,6 +124,12 @@ struct Args {
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
 
+    /// Write a JSON line per session when it ends (client, user, target, reply, bytes each
+    /// way, duration, why it ended) to this file (appended; reopened on SIGHUP), or to stderr
+    /// for `-` [default: off].
+    #[arg(long, value_name = "PATH")]
+    access_log: Option<PathBuf>,
+
     /// Log filter (error, warn, info, debug, trace, or a RUST_LOG directive) [default: RUST_LOG or info].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
@@ -194,7 +201,14 @@ fn with_config_file(command_line: &[OsString], matches: &ArgMatches) -> anyhow::
 /// The server's settings from the parsed flags (reads the users file).
 fn build_config(args: &Args) -> anyhow::Result<Config> {
     let users = proxy::config::users::load(&args.users, args.users_file.as_deref())?;
+    let access_log = match &args.access_log {
+        Some(path) => Some(Arc::new(AccessLog::open(path).with_context(|| {
+            format!("cannot open the access log {}", path.display())
+        })?)),
+        None => None,
+    };
     Ok(Config {
+        access_log,
         users,
         acl: Acl {
             allow_clients: args.allow_clients.clone(),

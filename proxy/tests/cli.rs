@@ -601,3 +601,32 @@ fn the_service_unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify warned: {said}"
     );
 }
+
+/// `--access-log FILE` from the command line: a line per session, appended to the file.
+#[test]
+fn the_access_log_flag_writes_a_json_line_per_session() {
+    let path = std::env::temp_dir().join(format!("proxy-access-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    std::fs::write(&path, "an earlier line\n").expect("write");
+    let echo = Target::echo("127.0.0.1:0");
+    let proxy = ProxyProcess::start(&["--access-log", path.to_str().expect("path")]);
+    let mut stream = open_session(proxy.addr, echo.addr);
+    assert_echo(&mut stream, b"logged");
+    drop(stream);
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    let text = loop {
+        let text = std::fs::read_to_string(&path).expect("read the log");
+        if text.lines().count() >= 2 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = std::fs::remove_file(&path);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0], "an earlier line");
+    let line: serde_json::Value = serde_json::from_str(lines[1]).expect("JSON");
+    assert_eq!(line["reply"], 0, "{line}");
+    assert_eq!(line["bytes_up"], 6, "{line}");
+    assert_eq!(line["target"], echo.addr.to_string(), "{line}");
+}

@@ -8,6 +8,7 @@ use ipnet::IpNet;
 
 use crate::socks5::auth::UserDb;
 
+pub mod access_log;
 pub mod file;
 pub mod live;
 pub mod users;
@@ -47,9 +48,16 @@ pub struct Config {
     /// Load balancers whose connections start with a PROXY protocol header naming the real
     /// client (`--trusted-proxy`); from anyone else such a header is a bad greeting.
     pub trusted_proxies: Vec<IpNet>,
+    /// `--access-log`: a JSON line per session when it ends; `None`: off.
+    pub access_log: Option<Arc<access_log::AccessLog>>,
 }
 
 impl Config {
+    /// The access log, when on.
+    pub fn access_log(&self) -> Option<&access_log::AccessLog> {
+        self.access_log.as_deref()
+    }
+
     /// Whether a connection from `peer` comes from a trusted load balancer.
     pub fn proxy_trusted(&self, peer: IpAddr) -> bool {
         contains(&self.trusted_proxies, canonical(peer))
@@ -72,6 +80,7 @@ impl Default for Config {
             batch_window: Duration::ZERO,
             trusted_proxies: Vec::new(),
             uring_slots: None,
+            access_log: None,
         }
     }
 }

@@ -142,6 +142,15 @@ pub fn log_request_failed(peer: Option<SocketAddr>, target: Option<&TargetAddr>,
     }
 }
 
+/// Why a session ended, as the access log says it: `closed` when both sides finished, else
+/// the error.
+pub fn end_of<E: std::fmt::Display>(result: &Result<(), E>) -> String {
+    match result {
+        Ok(()) => "closed".to_owned(),
+        Err(err) => err.to_string(),
+    }
+}
+
 /// Makes closing these sockets send RST rather than FIN: what a relay does when one side
 /// reset the connection, so the other side learns the stream was cut, not ended.
 pub fn pass_reset_on<S: AsFd>(sockets: &[&S]) {

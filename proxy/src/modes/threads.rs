@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
 use super::session::{self, Dialer, SessionError, EXHAUSTION_BACKOFF};
+use crate::config::access_log::SessionTrail;
 use crate::config::{Config, LiveConfig};
 use crate::net::connect;
 use crate::net::limits;
@@ -173,10 +174,16 @@ fn spawn_session(
         .stack_size(stack_size)
         .spawn(move || {
             let _guard = guard;
-            match serve_session(client, peer, &config, &stop) {
-                Ok((up, down)) => tracing::debug!(%peer, up, down, "session closed"),
+            let mut trail = SessionTrail::begin(config.access_log(), peer);
+            let mut moved = (0, 0);
+            let result = serve_session(client, peer, &config, &stop, &mut trail, &mut moved);
+            let (up, down) = moved;
+            match &result {
+                Ok(()) => tracing::debug!(%peer, up, down, "session closed"),
                 Err(err) => tracing::debug!(%peer, "session ended: {err}"),
             }
+            let end = session::end_of(&result);
+            trail.finish(config.access_log(), up, down, &end);
         });
     match spawned {
         Ok(_) => true,
@@ -249,12 +256,16 @@ fn write_all(
     Ok(())
 }
 
+/// One session from greeting to close; `moved` gets the bytes relayed each way (also when the
+/// relay ends in an error).
 fn serve_session(
     client: TcpStream,
     peer: SocketAddr,
     config: &Config,
     stop: &OwnedFd,
-) -> Result<(u64, u64), SessionError> {
+    trail: &mut SessionTrail,
+    moved: &mut (u64, u64),
+) -> Result<(), SessionError> {
     client.set_nonblocking(true)?;
     let mut handshake = session::new_handshake(config, peer);
     let mut out = Vec::new();
@@ -278,9 +289,13 @@ fn serve_session(
                 }
             }
             Step::Request(request) => break request,
-            Step::Close(err) => return Err(err.into()),
+            Step::Close(err) => {
+                trail.handshake_failed(&err);
+                return Err(err.into());
+            }
         }
     };
+    trail.requested(&request);
     let deadline = Instant::now() + config.connect_timeout;
     let outcome = if session::proxied_client_refused(config, &request) {
         Err(Failure::DeniedByRule)
@@ -294,6 +309,7 @@ fn serve_session(
     let (bound, target) = match outcome {
         Ok(connected) => connected,
         Err(failure) => {
+            trail.replied(failure.reply_code());
             let err = handshake.request_failed(failure, &mut out);
             let _ = write_all(
                 &client,
@@ -306,6 +322,7 @@ fn serve_session(
         }
     };
     handshake.request_granted(bound, &mut out)?;
+    trail.granted(target.peer_addr().ok());
     write_all(
         &client,
         &out,
@@ -323,6 +340,7 @@ fn serve_session(
         leftover,
         config.idle_timeout,
         stop,
+        moved,
     )?)
 }
 
@@ -391,7 +409,8 @@ fn relay(
     leftover: Vec<u8>,
     idle_timeout: Option<Duration>,
     stop: &OwnedFd,
-) -> io::Result<(u64, u64)> {
+    moved: &mut (u64, u64),
+) -> io::Result<()> {
     let mut up = Pipe::with_leftover(leftover);
     let mut down = Pipe::default();
     let mut last_activity = Instant::now();
@@ -419,7 +438,7 @@ fn relay(
             Err(err) => break Err(err),
         };
         if up_state == PipeState::Finished && down_state == PipeState::Finished {
-            break Ok((up.bytes(), down.bytes()));
+            break Ok(());
         }
         if up.bytes() + down.bytes() != moved_before {
             last_activity = Instant::now();
@@ -484,6 +503,7 @@ fn relay(
     if result.as_ref().is_err_and(relay::is_peer_reset) {
         session::pass_reset_on(&[client, target]);
     }
+    *moved = (up.bytes(), down.bytes());
     result
 }
 

@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout_at, Instant};
 
 use super::{accept, fail, resolve};
+use crate::config::access_log::SessionTrail;
 use crate::config::Config;
 use crate::net::{connect, limits};
 use crate::socks5::{Failure, Handshake, Request, TargetAddr};
@@ -22,23 +23,30 @@ pub async fn bind(
     request: Request,
     peer: SocketAddr,
     config: &Config,
-) -> Option<(TcpStream, TcpStream, Vec<u8>)> {
+    trail: &mut SessionTrail,
+) -> Result<(TcpStream, TcpStream, Vec<u8>), String> {
     let (inbound, from) =
         match accept_peer(&mut client, &mut handshake, &request, peer, config).await {
             Ok(Some(accepted)) => accepted,
             // The client went away after the first reply: nothing left to answer.
-            Ok(None) => return None,
+            Ok(None) => return Err("client closed while BIND waited".into()),
             Err(failure) => {
-                fail(&mut client, &mut handshake, failure, peer, None).await;
-                return None;
+                fail(&mut client, &mut handshake, failure, peer, None, trail).await;
+                return Err(failure.to_string());
             }
         };
     let mut out = Vec::new();
-    handshake.request_granted(from, &mut out).ok()?;
-    client.write_all(&out).await.ok()?;
+    handshake
+        .request_granted(from, &mut out)
+        .map_err(|err| err.to_string())?;
+    trail.granted(Some(from));
+    client
+        .write_all(&out)
+        .await
+        .map_err(|err| format!("cannot send the reply: {err}"))?;
     let _ = client.set_nodelay(true);
     let _ = inbound.set_nodelay(true);
-    Some((client, inbound, handshake.take_leftover()))
+    Ok((client, inbound, handshake.take_leftover()))
 }
 
 /// Listens, sends the first reply, and waits for the expected peer: `Err` is the failure to

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::session::{self, Dialer, SessionError, EXHAUSTION_BACKOFF};
+use crate::config::access_log::SessionTrail;
 use crate::config::{Acl, Config, LiveConfig};
 use crate::net::connect;
 use crate::net::limits;
@@ -104,18 +105,32 @@ pub async fn serve(listener: TcpListener, live: LiveConfig, shutdown: Shutdown) 
 
 /// One client from accept to close.
 async fn session(client: TcpStream, peer: SocketAddr, config: Arc<Config>) {
+    let mut trail = SessionTrail::begin(config.access_log(), peer);
     // The handshake's state is boxed so that it is freed when the handshake ends: a task's
     // future is as large as its largest state, and the relay state is what idle sessions keep.
-    let Some((client, target, leftover)) = Box::pin(establish(client, peer, &config)).await else {
-        return;
+    let established = Box::pin(establish(client, peer, &config, &mut trail)).await;
+    let (client, target, leftover) = match established {
+        Ok(relay) => relay,
+        Err(end) => {
+            trail.finish(config.access_log(), 0, 0, &end);
+            return;
+        }
     };
     let idle_timeout = config.idle_timeout;
-    drop(config);
-    match relay(client, target, leftover, idle_timeout).await {
-        Ok((up, down)) => tracing::debug!(%peer, up, down, "session closed"),
+    // Only the access log (when on) keeps the configuration past the handshake.
+    let config = config.access_log.is_some().then_some(config);
+    let (up, down, result) = relay(client, target, leftover, idle_timeout).await;
+    match &result {
+        Ok(()) => tracing::debug!(%peer, up, down, "session closed"),
         Err(err) => tracing::debug!(%peer, "session ended: {err}"),
     }
+    if let Some(config) = config {
+        trail.finish(config.access_log(), up, down, &session::end_of(&result));
+    }
 }
+
+/// Why a session ended before its relay (or, for UDP ASSOCIATE, with its association).
+type Ended = String;
 
 /// Runs the handshake and the request: CONNECT or BIND return both sockets to relay and the
 /// bytes the client already sent for the other side; UDP ASSOCIATE runs here to its end.
@@ -123,7 +138,8 @@ async fn establish(
     mut client: TcpStream,
     peer: SocketAddr,
     config: &Config,
-) -> Option<(TcpStream, TcpStream, Vec<u8>)> {
+    trail: &mut SessionTrail,
+) -> Result<(TcpStream, TcpStream, Vec<u8>), Ended> {
     let mut handshake = session::new_handshake(config, peer);
     let request = match timeout(
         config.handshake_timeout,
@@ -134,13 +150,17 @@ async fn establish(
         Ok(Ok(request)) => request,
         Ok(Err(err)) => {
             tracing::debug!(%peer, "handshake ended: {err}");
-            return None;
+            if let SessionError::Handshake(err) = &err {
+                trail.handshake_failed(err);
+            }
+            return Err(err.to_string());
         }
         Err(_) => {
             tracing::debug!(%peer, "handshake timed out");
-            return None;
+            return Err("handshake timed out".into());
         }
     };
+    trail.requested(&request);
     if session::proxied_client_refused(config, &request) {
         fail(
             &mut client,
@@ -148,18 +168,21 @@ async fn establish(
             Failure::DeniedByRule,
             peer,
             Some(&request.target),
+            trail,
         )
         .await;
-        return None;
+        return Err(Failure::DeniedByRule.to_string());
     }
     // Behind a trusted balancer, the client is the one its PROXY header named: BIND's and UDP
     // ASSOCIATE's checks of who may use them look at it.
     let peer = request.client.unwrap_or(peer);
     match request.command {
-        Command::Bind => return bind::bind(client, handshake, request, peer, config).await,
+        Command::Bind => return bind::bind(client, handshake, request, peer, config, trail).await,
         Command::UdpAssociate => {
-            udp_associate::udp_associate(client, handshake, request, peer, config).await;
-            return None;
+            return Err(udp_associate::udp_associate(
+                client, handshake, request, peer, config, trail,
+            )
+            .await);
         }
         Command::Connect | Command::Unknown(_) => {}
     }
@@ -180,16 +203,23 @@ async fn establish(
                 failure,
                 peer,
                 Some(&request.target),
+                trail,
             )
             .await;
-            return None;
+            return Err(failure.to_string());
         }
     };
-    handshake.request_granted(bound, &mut out).ok()?;
-    client.write_all(&out).await.ok()?;
+    handshake
+        .request_granted(bound, &mut out)
+        .map_err(|err| err.to_string())?;
+    trail.granted(target.peer_addr().ok());
+    client
+        .write_all(&out)
+        .await
+        .map_err(|err| format!("cannot send the reply: {err}"))?;
     let _ = client.set_nodelay(true);
     let _ = target.set_nodelay(true);
-    Some((client, target, handshake.take_leftover()))
+    Ok((client, target, handshake.take_leftover()))
 }
 
 /// Drives the handshake until the client's request is complete.
@@ -238,7 +268,9 @@ async fn fail(
     failure: Failure,
     peer: SocketAddr,
     target: Option<&TargetAddr>,
+    trail: &mut SessionTrail,
 ) {
+    trail.replied(failure.reply_code());
     let mut out = Vec::new();
     let _ = handshake.request_failed(failure, &mut out);
     let _ = client.write_all(&out).await;
@@ -335,7 +367,7 @@ async fn relay(
     mut target: TcpStream,
     leftover: Vec<u8>,
     idle_timeout: Option<Duration>,
-) -> io::Result<(u64, u64)> {
+) -> (u64, u64, io::Result<()>) {
     let mut up = Pipe::with_leftover(leftover);
     let mut down = Pipe::default();
     let mut idle_timer = idle_timeout.map(|idle| Box::pin(tokio::time::sleep(idle)));
@@ -397,7 +429,7 @@ async fn relay(
     if result.as_ref().is_err_and(relay::is_peer_reset) {
         session::pass_reset_on(&[&client, &target]);
     }
-    result.map(|()| (up.bytes(), down.bytes()))
+    (up.bytes(), down.bytes(), result)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::Instant;
 
 use super::{fail, resolve};
+use crate::config::access_log::SessionTrail;
 use crate::config::Config;
 use crate::net::{connect, limits};
 use crate::socks5::udp::{encode_datagram, parse_datagram};
@@ -39,20 +40,21 @@ pub async fn udp_associate(
     request: Request,
     peer: SocketAddr,
     config: &Config,
-) {
+    trail: &mut SessionTrail,
+) -> String {
     let Ok(local) = client.local_addr() else {
-        return;
+        return "control connection gone".into();
     };
     let relay = match udp_socket((local.ip(), 0).into()) {
         Ok(socket) => socket,
         Err(err) => {
             let failure = connect::failure_of(&err);
-            fail(&mut client, &mut handshake, failure, peer, None).await;
-            return;
+            fail(&mut client, &mut handshake, failure, peer, None, trail).await;
+            return failure.to_string();
         }
     };
     let Ok(relay_addr) = relay.local_addr() else {
-        return;
+        return "relay socket gone".into();
     };
     let advertised = SocketAddr::new(
         config.udp_advertise.unwrap_or(relay_addr.ip()),
@@ -62,8 +64,9 @@ pub async fn udp_associate(
     if handshake.request_granted(advertised, &mut out).is_err()
         || client.write_all(&out).await.is_err()
     {
-        return;
+        return "cannot send the reply".into();
     }
+    trail.granted(None);
     drop(handshake);
     // Only the control connection's host may use the association, from the port it named
     // (when it named one), and from one address once it has sent.
@@ -153,6 +156,7 @@ pub async fn udp_associate(
         }
     }
     tracing::debug!(%peer, relayed, dropped, "UDP association ended");
+    format!("association closed: {relayed} datagrams relayed, {dropped} dropped")
 }
 
 /// Wraps a target's reply and sends it to the client, if the target was contacted.

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use super::event_loop::{wake, Context};
 use super::poller::{Interest, Poller, Token};
+use crate::config::access_log::SessionTrail;
 use crate::modes::session::{self, Dialer};
 use crate::net::connect;
 use crate::net::resolver::Resolver;
@@ -151,7 +152,12 @@ pub(super) fn wanted_interest(session: &Session) -> (Interest, Interest) {
 }
 
 /// Queues a failure reply and moves to flushing it before close.
-pub(super) fn fail_request(negotiation: &mut Negotiation, failure: Failure) {
+pub(super) fn fail_request(
+    negotiation: &mut Negotiation,
+    trail: &mut SessionTrail,
+    failure: Failure,
+) {
+    trail.failed(failure);
     let _ = negotiation
         .handshake
         .request_failed(failure, &mut negotiation.out);
@@ -200,7 +206,7 @@ pub(super) fn negotiate(
             }
             NegotiationStep::Resolving => return Ok(Outcome::Wait),
             NegotiationStep::Connecting(_) => {
-                match advance_connect(session, ctx, poller, target_writable) {
+                match advance_connect(session, key, ctx, poller, target_writable) {
                     Some(outcome) => return Ok(outcome),
                     None => continue,
                 }
@@ -208,7 +214,11 @@ pub(super) fn negotiate(
             NegotiationStep::Reading => {
                 let limit = MAX_MESSAGE_LEN.min(ctx.scratch.len());
                 match (&session.client).read(&mut ctx.scratch[..limit]) {
-                    Ok(0) => return Ok(Outcome::Close { reset: false }),
+                    Ok(0) => {
+                        ctx.trail(key)
+                            .ended_because(&"client closed during the handshake");
+                        return Ok(Outcome::Close { reset: false });
+                    }
                     Ok(n) => negotiation.handshake.receive(&ctx.scratch[..n]),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                         return Ok(Outcome::Wait)
@@ -220,38 +230,38 @@ pub(super) fn negotiate(
                     Step::NeedInput => {}
                     Step::Close(err) => {
                         tracing::debug!("handshake ended: {err}");
+                        ctx.trail(key).handshake_failed(&err);
                         negotiation.step = NegotiationStep::Closing;
                     }
-                    Step::Request(request)
-                        if session::proxied_client_refused(&ctx.config, &request) =>
-                    {
-                        fail_request(negotiation, Failure::DeniedByRule);
-                    }
-                    Step::Request(request) if request.command != Command::Connect => {
-                        // BIND and UDP ASSOCIATE are served by the async mode only.
-                        fail_request(negotiation, Failure::CommandNotSupported);
-                    }
                     Step::Request(request) => {
-                        let deadline = Instant::now() + ctx.config.connect_timeout;
-                        ctx.arm_timer(session, key, deadline);
-                        let Phase::Negotiating(negotiation) = &mut session.phase else {
-                            continue;
-                        };
-                        match request.target {
-                            TargetAddr::Ip(addr) => {
-                                negotiation.step =
-                                    NegotiationStep::Connecting(Dialer::new(vec![addr]));
-                            }
-                            TargetAddr::Domain(name, port) => {
-                                negotiation.step = NegotiationStep::Resolving;
-                                let waker = ctx.waker.clone();
-                                Resolver::global().resolve_for_session(
-                                    &name,
-                                    port,
-                                    (key, session.id),
-                                    ctx.resolved_tx.clone(),
-                                    move || wake(&waker),
-                                );
+                        ctx.trail(key).requested(&request);
+                        if session::proxied_client_refused(&ctx.config, &request) {
+                            fail_request(negotiation, ctx.trail(key), Failure::DeniedByRule);
+                        } else if request.command != Command::Connect {
+                            // BIND and UDP ASSOCIATE are served by the async mode only.
+                            fail_request(negotiation, ctx.trail(key), Failure::CommandNotSupported);
+                        } else {
+                            let deadline = Instant::now() + ctx.config.connect_timeout;
+                            ctx.arm_timer(session, key, deadline);
+                            let Phase::Negotiating(negotiation) = &mut session.phase else {
+                                continue;
+                            };
+                            match request.target {
+                                TargetAddr::Ip(addr) => {
+                                    negotiation.step =
+                                        NegotiationStep::Connecting(Dialer::new(vec![addr]));
+                                }
+                                TargetAddr::Domain(name, port) => {
+                                    negotiation.step = NegotiationStep::Resolving;
+                                    let waker = ctx.waker.clone();
+                                    Resolver::global().resolve_for_session(
+                                        &name,
+                                        port,
+                                        (key, session.id),
+                                        ctx.resolved_tx.clone(),
+                                        move || wake(&waker),
+                                    );
+                                }
                             }
                         }
                     }
@@ -265,6 +275,7 @@ pub(super) fn negotiate(
 /// starts the next allowed address. `None` means the step changed and negotiation goes on.
 fn advance_connect(
     session: &mut Session,
+    key: usize,
     ctx: &mut Context,
     poller: &mut impl Poller,
     target_writable: bool,
@@ -290,6 +301,7 @@ fn advance_connect(
                     negotiation.step = NegotiationStep::Closing;
                     return None;
                 }
+                ctx.trail(key).granted(target.peer_addr().ok());
                 let _ = target.set_nodelay(true);
                 let _ = session.client.set_nodelay(true);
                 negotiation.step = NegotiationStep::Replying;
@@ -313,7 +325,7 @@ fn advance_connect(
         }
     }
     let failure = dialer.failure();
-    fail_request(negotiation, failure);
+    fail_request(negotiation, ctx.trail(key), failure);
     None
 }
 

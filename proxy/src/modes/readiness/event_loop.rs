@@ -10,7 +10,7 @@
 //! take is kept.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -27,6 +27,7 @@ use super::conn::{
     Outcome, Phase, Session, Side, Wake, OVER_POLLER_LIMIT, SELECT_REFUSED,
 };
 use super::poller::{Event, Interest, Poller, Token};
+use crate::config::access_log::SessionTrail;
 use crate::config::LoopConfig;
 use crate::modes::session::{self, Dialer, EXHAUSTION_BACKOFF};
 use crate::net::limits;
@@ -59,9 +60,26 @@ pub(super) struct Context {
     /// The origin of `Relay::last_activity`.
     pub(super) epoch: Instant,
     pub(super) waker: Arc<OwnedFd>,
+    /// What the access log will say of each session, by key: only while the log is on, so
+    /// that sessions do not grow by a pointer for it.
+    pub(super) trails: HashMap<usize, SessionTrail>,
+    /// What a session without a trail writes to (nothing sticks: it stays empty).
+    pub(super) no_trail: SessionTrail,
 }
 
 impl Context {
+    /// The session's access-log trail (one that keeps nothing while the log is off).
+    pub(super) fn trail(&mut self, key: usize) -> &mut SessionTrail {
+        if self.trails.is_empty() {
+            // The log is off (or no session has a trail): not even a hash.
+            return &mut self.no_trail;
+        }
+        match self.trails.get_mut(&key) {
+            Some(trail) => trail,
+            None => &mut self.no_trail,
+        }
+    }
+
     pub(super) fn read_until(&self) -> ReadUntil {
         if self.edge {
             ReadUntil::WouldBlock
@@ -126,6 +144,8 @@ pub fn run<P: Poller>(
             resolved_tx,
             waker,
             epoch: Instant::now(),
+            trails: HashMap::new(),
+            no_trail: SessionTrail::default(),
         },
     };
     event_loop.ctx.edge = event_loop.poller.edge_triggered();
@@ -164,7 +184,7 @@ impl<P: Poller> EventLoop<'_, P> {
                     session::log_grace_over(self.sessions.len());
                     let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
                     for key in keys {
-                        self.close(key, false);
+                        self.close(key, false, &"server shut down (grace period over)");
                     }
                     return Ok(());
                 }
@@ -280,10 +300,10 @@ impl<P: Poller> EventLoop<'_, P> {
                 let id = self.sessions[key].id;
                 self.again.push((key, id));
             }
-            Ok(Outcome::Close { reset }) => self.close(key, reset),
+            Ok(Outcome::Close { reset }) => self.close(key, reset, &"closed"),
             Err(err) => {
                 tracing::debug!("session ended: {err}");
-                self.close(key, relay::is_peer_reset(&err));
+                self.close(key, relay::is_peer_reset(&err), &err);
             }
         }
     }
@@ -313,8 +333,16 @@ impl<P: Poller> EventLoop<'_, P> {
         }
     }
 
-    fn close(&mut self, key: usize, reset: bool) {
+    /// Closes a session; `end` is why, for the access log (unless it already knows).
+    fn close(&mut self, key: usize, reset: bool, end: &dyn std::fmt::Display) {
         let session = self.sessions.remove(key);
+        let (up, down) = match &session.phase {
+            Phase::Relaying(relay) => (relay.up.bytes(), relay.down.bytes()),
+            Phase::Negotiating(_) => (0, 0),
+        };
+        if let Some(trail) = self.ctx.trails.remove(&key) {
+            trail.finish(self.ctx.config.access_log(), up, down, end);
+        }
         let _ = self.poller.remove(session.client.as_fd());
         if let Some(target) = &session.target {
             let _ = self.poller.remove(target.as_fd());
@@ -421,6 +449,11 @@ impl<P: Poller> EventLoop<'_, P> {
         };
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         let key = self.sessions.insert(session);
+        if config.access_log.is_some() {
+            self.ctx
+                .trails
+                .insert(key, SessionTrail::begin(config.access_log(), peer));
+        }
         let deadline = Instant::now() + config.handshake_timeout;
         let session = &mut self.sessions[key];
         self.ctx.arm_timer(session, key, deadline);
@@ -445,7 +478,7 @@ impl<P: Poller> EventLoop<'_, P> {
             Err(_) => Some(Failure::DnsFailure),
         };
         if let Some(failure) = failure {
-            fail_request(negotiation, failure);
+            fail_request(negotiation, self.ctx.trail(key), failure);
         }
         self.drive(key, Wake::BOTH, false);
     }
@@ -470,14 +503,14 @@ impl<P: Poller> EventLoop<'_, P> {
                     let quiet = Duration::from_millis(u64::from(quiet_ms));
                     if quiet >= idle {
                         tracing::debug!("idle timeout");
-                        self.close(key, false);
+                        self.close(key, false, &"idle timeout");
                     } else {
                         self.ctx.arm_timer(session, key, now + (idle - quiet));
                     }
                 }
                 Phase::Negotiating(negotiation) => match negotiation.step {
                     NegotiationStep::Resolving | NegotiationStep::Connecting(_) => {
-                        fail_request(negotiation, Failure::ConnectTimeout);
+                        fail_request(negotiation, self.ctx.trail(key), Failure::ConnectTimeout);
                         if let Some(target) = session.target.take() {
                             let _ = self.poller.remove(target.as_fd());
                         }
@@ -486,7 +519,7 @@ impl<P: Poller> EventLoop<'_, P> {
                     }
                     _ => {
                         tracing::debug!("handshake timed out");
-                        self.close(key, false);
+                        self.close(key, false, &"handshake timed out");
                     }
                 },
             }

@@ -14,7 +14,7 @@
 //! all, and their last completions come back before the slab entry goes.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -28,6 +28,7 @@ use slab::Slab;
 
 use super::sys::{Completion, Ring, BUF_LEN};
 use super::Shared;
+use crate::config::access_log::SessionTrail;
 use crate::config::LoopConfig;
 use crate::modes::session::{self, Dialer, EXHAUSTION_BACKOFF};
 use crate::net::connect;
@@ -279,6 +280,11 @@ pub(super) struct EventLoop<'a> {
     /// Refreshed once a turn: a reload reaches sessions accepted after it.
     config: LoopConfig,
     shared: &'a Shared,
+    /// What the access log will say of each session, by key: only while the log is on, so
+    /// that sessions do not grow by a pointer for it. It counts the bytes relayed itself.
+    trails: HashMap<usize, SessionTrail>,
+    /// What a session without a trail writes to (nothing sticks: it stays empty).
+    no_trail: SessionTrail,
 }
 
 impl<'a> EventLoop<'a> {
@@ -320,6 +326,8 @@ impl<'a> EventLoop<'a> {
             epoch: Instant::now(),
             config,
             shared,
+            trails: HashMap::new(),
+            no_trail: SessionTrail::default(),
         };
         tracing::debug!("io_uring loop: {slots} direct slots");
         event_loop.arm_wake()?;
@@ -355,6 +363,8 @@ impl EventLoop<'_> {
                     session::log_grace_over(self.sessions.len());
                     let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
                     for key in keys {
+                        self.trail(key)
+                            .ended_because(&"server shut down (grace period over)");
                         self.close(key, false)?;
                     }
                     return Ok(());
@@ -542,6 +552,10 @@ impl EventLoop<'_> {
             })),
         });
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+        if let (Some(log), Some(peer)) = (self.config.access_log(), peer) {
+            self.trails
+                .insert(key, SessionTrail::begin(Some(log), peer));
+        }
         self.arm_timer(key, Instant::now() + self.config.handshake_timeout);
         self.session_op(key, Op::HandshakeRecv, |ring, token| {
             ring.recv_one(slot, token)
@@ -640,6 +654,18 @@ impl EventLoop<'_> {
 
     // ---- negotiation ----
 
+    /// The session's access-log trail (one that keeps nothing while the log is off).
+    fn trail(&mut self, key: usize) -> &mut SessionTrail {
+        if self.trails.is_empty() {
+            // The log is off (or no session has a trail): not even a hash.
+            return &mut self.no_trail;
+        }
+        match self.trails.get_mut(&key) {
+            Some(trail) => trail,
+            None => &mut self.no_trail,
+        }
+    }
+
     fn negotiation(&mut self, key: usize) -> Option<&mut Negotiation> {
         match &mut self.sessions[key].phase {
             Phase::Negotiating(negotiation) => Some(negotiation),
@@ -668,6 +694,10 @@ impl EventLoop<'_> {
                 }
                 if n < 0 {
                     tracing::debug!("handshake ended: {}", errno(n));
+                    self.trail(key).ended_because(&errno(n));
+                } else {
+                    self.trail(key)
+                        .ended_because(&"client closed during the handshake");
                 }
                 self.close(key, false)
             }
@@ -677,10 +707,19 @@ impl EventLoop<'_> {
     fn advance_handshake(&mut self, key: usize) -> io::Result<()> {
         let deadline = Instant::now() + self.config.connect_timeout;
         let config = self.config.get().clone();
-        let Some(negotiation) = self.negotiation(key) else {
+        let session = &mut self.sessions[key];
+        let Phase::Negotiating(negotiation) = &mut session.phase else {
             return Ok(());
         };
-        match negotiation.handshake.step(&mut negotiation.out) {
+        let step = negotiation.handshake.step(&mut negotiation.out);
+        if let Some(trail) = self.trails.get_mut(&key) {
+            match &step {
+                Step::Close(err) => trail.handshake_failed(err),
+                Step::Request(request) => trail.requested(request),
+                Step::NeedInput => {}
+            }
+        }
+        match step {
             Step::NeedInput => {
                 if negotiation.out.is_empty() {
                     let client = self.sessions[key].client;
@@ -753,6 +792,7 @@ impl EventLoop<'_> {
     }
 
     fn fail_request(&mut self, key: usize, failure: Failure) -> io::Result<()> {
+        self.trail(key).failed(failure);
         let Some(negotiation) = self.negotiation(key) else {
             return Ok(());
         };
@@ -776,9 +816,14 @@ impl EventLoop<'_> {
                 tracing::debug!("reply not sent: {}", errno(completion.result));
             }
             let reset = completion.result == -libc::ECONNRESET || completion.result == -libc::EPIPE;
+            self.trail(key).ended_because(&format_args!(
+                "reply not sent: {}",
+                errno(completion.result.min(-1))
+            ));
             return self.close(key, reset);
         }
         if op == Op::LeftoverSend {
+            self.trail(key).count(true, expected as u64);
             return self.start_relay(key);
         }
         if let Some(negotiation) = self.negotiation(key) {
@@ -880,8 +925,10 @@ impl EventLoop<'_> {
             Ok(bound) => {
                 let _ = stream.set_nodelay(true);
                 let fd = stream.as_raw_fd();
+                let connected = stream.peer_addr().ok();
                 negotiation.bound = Some(bound);
                 negotiation.step = NegotiationStep::Installing;
+                self.trail(key).connected_to(connected);
                 self.session_op(key, Op::Install, |ring, token| ring.install(fd, token))
             }
             Err(failure) => {
@@ -928,7 +975,10 @@ impl EventLoop<'_> {
             .handshake
             .request_granted(bound, &mut negotiation.out)
         {
-            Ok(()) => negotiation.step = NegotiationStep::Replying,
+            Ok(()) => {
+                negotiation.step = NegotiationStep::Replying;
+                self.trail(key).granted(None);
+            }
             Err(err) => {
                 tracing::debug!("handshake ended: {err}");
                 negotiation.step = NegotiationStep::Closing;
@@ -1052,10 +1102,9 @@ impl EventLoop<'_> {
                     }
                     _ if n > 0 => Ok(()),
                     errno_value => {
-                        tracing::debug!(
-                            "session ended: {}",
-                            io::Error::from_raw_os_error(errno_value)
-                        );
+                        let err = io::Error::from_raw_os_error(errno_value);
+                        tracing::debug!("session ended: {err}");
+                        self.trail(key).ended_because(&err);
                         let reset = errno_value == libc::ECONNRESET || errno_value == libc::EPIPE;
                         self.close(key, reset)
                     }
@@ -1088,8 +1137,15 @@ impl EventLoop<'_> {
             let err = errno(completion.result);
             tracing::debug!("session ended: {err}");
             let reset = crate::relay::is_peer_reset(&err);
+            self.trail(key).ended_because(&err);
             return self.close(key, reset);
         }
+        self.trail(key)
+            .count(way == Way::Up, completion.result as u64);
+        let Phase::Relaying(relay) = &mut self.sessions[key].phase else {
+            return Ok(());
+        };
+        let direction = relay.way(way);
         chunk.start += completion.result as u16;
         if chunk.start < chunk.end {
             direction.sending = Some(chunk);
@@ -1199,6 +1255,7 @@ impl EventLoop<'_> {
                         Duration::from_millis(u64::from(clock.wrapping_sub(relay.last_activity)));
                     if quiet >= idle {
                         tracing::debug!("idle timeout");
+                        self.trail(key).ended_because(&"idle timeout");
                         self.close(key, false)?;
                     } else {
                         self.arm_timer(key, now + (idle - quiet));
@@ -1218,6 +1275,7 @@ impl EventLoop<'_> {
                     }
                     _ => {
                         tracing::debug!("handshake timed out");
+                        self.trail(key).ended_because(&"handshake timed out");
                         self.close(key, false)?;
                     }
                 },
@@ -1235,6 +1293,9 @@ impl EventLoop<'_> {
         }
         session.closing = true;
         session.timer_ticket = 0;
+        if let Some(trail) = self.trails.remove(&key) {
+            trail.finish(self.config.access_log(), 0, 0, &"closed");
+        }
         let client = session.client;
         let target = session.target;
         let mut buffers = Vec::new();
