@@ -34,6 +34,7 @@
 //! [`Shutdown`] trigger; or, inside a tokio runtime, [`modes::async_tokio::serve`].
 
 pub mod config;
+pub mod metrics;
 pub mod modes;
 pub mod net;
 pub mod relay;

@@ -124,6 +124,13 @@ struct Args {
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (not on the SOCKS port): sessions
+    /// active and ended by reply code, bytes each way, handshake durations, refused
+    /// connections by cause, descriptors in use and the limit; summed over --workers
+    /// [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+
     /// Write a JSON line per session when it ends (client, user, target, reply, bytes each
     /// way, duration, why it ended) to this file (appended; reopened on SIGHUP), or to stderr
     /// for `-` [default: off].
@@ -308,6 +315,25 @@ fn start(args: Args, command_line: Vec<OsString>) -> anyhow::Result<()> {
     if !args.worker {
         warn_if_open(&config, bound);
     }
+    if let Some(addr) = args.metrics {
+        proxy::metrics::enable();
+        // A worker serves its own on loopback, for its supervisor to sum.
+        let addr = if args.worker {
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        } else {
+            addr
+        };
+        let metrics = proxy::metrics::bind(addr, bound)
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        let serving = metrics.local_addr().context("metrics address")?;
+        proxy::metrics::serve(metrics, proxy::metrics::render)
+            .context("cannot start the metrics thread")?;
+        if args.worker {
+            println!("{}{serving}", workers::METRICS_LINE);
+        } else {
+            tracing::info!("metrics at http://{serving}/metrics");
+        }
+    }
     let shutdown = Shutdown::new();
     let mode = args.mode;
     let live = LiveConfig::new(config.clone());
@@ -361,8 +387,24 @@ fn supervise_workers(args: &Args, config: &Config, descriptors: u64) -> anyhow::
         per_worker * u64::from(args.workers)
     );
     let worker_args = workers::worker_args(std::env::args_os().skip(1), bound);
-    let clean = workers::supervise(usize::from(args.workers), bound, args.mode, worker_args)
-        .context("worker supervision failed")?;
+    let metrics = args
+        .metrics
+        .map(|addr| {
+            proxy::metrics::bind(addr, bound)
+                .with_context(|| format!("cannot serve metrics on {addr}"))
+        })
+        .transpose()?;
+    if let Some(serving) = metrics.as_ref().and_then(|l| l.local_addr().ok()) {
+        tracing::info!("metrics at http://{serving}/metrics (summed over the workers)");
+    }
+    let clean = workers::supervise(
+        usize::from(args.workers),
+        bound,
+        args.mode,
+        worker_args,
+        metrics,
+    )
+    .context("worker supervision failed")?;
     if !clean {
         bail!("a worker did not shut down cleanly");
     }

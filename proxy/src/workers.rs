@@ -13,6 +13,7 @@ use std::ffi::OsString;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, Pid, Signal};
@@ -91,12 +92,19 @@ enum Report {
 }
 
 /// Starts worker `index` and a task that reports its readiness and its exit.
+/// Where each worker serves its own metrics (loopback, for the supervisor to sum), by index.
+type WorkerMetrics = Arc<Mutex<Vec<Option<SocketAddr>>>>;
+
+/// The line a worker prints before its ready line when `--metrics` is on.
+pub const METRICS_LINE: &str = "metrics on ";
+
 fn spawn_worker(
     index: usize,
     generation: u64,
     program: &OsString,
     args: &[OsString],
     reports: &mpsc::UnboundedSender<Report>,
+    metrics: &WorkerMetrics,
 ) -> io::Result<Worker> {
     let mut child: Child = Command::new(program)
         .args(args)
@@ -108,12 +116,22 @@ fn spawn_worker(
     let pid = child.id().and_then(|id| Pid::from_raw(id as i32));
     let stdout = child.stdout.take();
     let reports = reports.clone();
+    let metrics = metrics.clone();
     tokio::spawn(async move {
         let ready = async {
-            let mut line = String::new();
             let mut reader = BufReader::new(stdout?);
-            reader.read_line(&mut line).await.ok()?;
-            crate::net::listener::parse_ready_line(&line).map(|_| ())
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).await.ok()? == 0 {
+                    return None;
+                }
+                if let Some(addr) = line.trim().strip_prefix(METRICS_LINE) {
+                    let addr = addr.parse().ok();
+                    metrics.lock().unwrap_or_else(|p| p.into_inner())[index] = addr;
+                    continue;
+                }
+                return crate::net::listener::parse_ready_line(&line).map(|_| ());
+            }
         };
         let report = match tokio::time::timeout(READY_TIMEOUT, ready).await {
             Ok(Some(())) => Report::Ready { index, generation },
@@ -127,7 +145,9 @@ fn spawn_worker(
             },
         };
         let _ = reports.send(report);
-        let (status, success, signal) = match child.wait().await {
+        let exited = child.wait().await;
+        metrics.lock().unwrap_or_else(|p| p.into_inner())[index] = None;
+        let (status, success, signal) = match exited {
             Ok(status) => (
                 status.to_string(),
                 status.success(),
@@ -161,12 +181,32 @@ fn signal_all(workers: &[Worker], signal: Signal) {
 
 /// Runs `count` workers on `bound` until SIGINT/SIGTERM; returns whether every worker then
 /// exited cleanly. Prints the ready line once all are listening.
+/// With `metrics`, serves `/metrics` there: the sum of what the workers report.
 pub fn supervise(
     count: usize,
     bound: SocketAddr,
     mode: Mode,
     args: Vec<OsString>,
+    metrics: Option<std::net::TcpListener>,
 ) -> io::Result<bool> {
+    let worker_metrics: WorkerMetrics = Arc::new(Mutex::new(vec![None; count]));
+    if let Some(listener) = metrics {
+        let addrs = worker_metrics.clone();
+        crate::metrics::serve(listener, move || {
+            let addrs: Vec<SocketAddr> = addrs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .flatten()
+                .copied()
+                .collect();
+            let texts: Vec<String> = addrs
+                .iter()
+                .filter_map(|addr| crate::metrics::fetch(*addr).ok())
+                .collect();
+            crate::metrics::sum(&texts)
+        })?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -179,7 +219,7 @@ pub fn supervise(
         let (reports_tx, mut reports) = mpsc::unbounded_channel();
         let mut workers = Vec::with_capacity(count);
         for index in 0..count {
-            workers.push(spawn_worker(index, 0, &program, &args, &reports_tx)?);
+            workers.push(spawn_worker(index, 0, &program, &args, &reports_tx, &worker_metrics)?);
         }
 
         // Wait for every first-generation worker to listen.
@@ -247,7 +287,7 @@ pub fn supervise(
                         }
                         tracing::warn!(worker = index, pid = ?workers[index].pid, "worker exited unexpectedly ({status}); starting a replacement");
                         tokio::time::sleep(Duration::from_millis(100) * quick_deaths).await;
-                        workers[index] = spawn_worker(index, generation + 1, &program, &args, &reports_tx)?;
+                        workers[index] = spawn_worker(index, generation + 1, &program, &args, &reports_tx, &worker_metrics)?;
                     }
                     Some(Report::Ready { index, generation }) if workers[index].generation == generation => {
                         workers[index].ready = true;

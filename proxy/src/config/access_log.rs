@@ -1,6 +1,7 @@
 //! `--access-log PATH` (`-` for stderr): one JSON object per line when a session ends — who,
 //! which user, what was asked and what was connected, the reply, the bytes each way, how long,
-//! and why it ended. Never a password. Off, a session carries one empty pointer for it.
+//! and why it ended. Never a password. The same trail feeds `--metrics` when it ends. With
+//! both off, a session has no trail.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
+use crate::metrics;
 use crate::socks5::{Command, Failure, HandshakeError, ReplyCode, Request, TargetAddr};
 
 /// Where the access log goes.
@@ -83,6 +85,8 @@ pub struct Trail {
     /// Bytes counted here by modes that have no counter of their own (client → target,
     /// target → client).
     counted: (u64, u64),
+    /// The reply's delay was counted (`--metrics`).
+    answered: bool,
     /// Why it ended, when that was known before it closed (a failure reply, a handshake
     /// error): it wins over what the closing code says.
     end: Option<String>,
@@ -93,9 +97,21 @@ pub struct Trail {
 pub struct SessionTrail(Option<Box<Trail>>);
 
 impl SessionTrail {
-    /// Starts the trail of a session from `client`, if `log` is on.
+    /// Whether sessions need a trail: the access log or the metrics are on.
+    pub fn wanted(log: Option<&AccessLog>) -> bool {
+        log.is_some() || metrics::enabled()
+    }
+
+    /// Starts the trail of a session from `client`, if the access log (`log`) or the metrics
+    /// are on.
     pub fn begin(log: Option<&AccessLog>, client: SocketAddr) -> Self {
-        SessionTrail(log.map(|_| {
+        if !Self::wanted(log) {
+            return SessionTrail(None);
+        }
+        if metrics::enabled() {
+            metrics::session_started();
+        }
+        SessionTrail(Some({
             Box::new(Trail {
                 started: Instant::now(),
                 started_at: SystemTime::now(),
@@ -106,6 +122,7 @@ impl SessionTrail {
                 connected: None,
                 reply: None,
                 counted: (0, 0),
+                answered: false,
                 end: None,
             })
         }))
@@ -126,9 +143,7 @@ impl SessionTrail {
     /// The request succeeded: the proxy connected to `connected` (CONNECT, BIND: the peer;
     /// UDP ASSOCIATE: none).
     pub fn granted(&mut self, connected: Option<SocketAddr>) {
-        if let Some(trail) = &mut self.0 {
-            trail.reply = Some(ReplyCode::Succeeded);
-        }
+        self.replied(ReplyCode::Succeeded);
         self.connected_to(connected);
     }
 
@@ -156,6 +171,10 @@ impl SessionTrail {
     pub fn replied(&mut self, reply: ReplyCode) {
         if let Some(trail) = &mut self.0 {
             trail.reply = Some(reply);
+            if !trail.answered && metrics::enabled() {
+                trail.answered = true;
+                metrics::handshake_answered(trail.started.elapsed());
+            }
         }
     }
 
@@ -185,7 +204,14 @@ impl SessionTrail {
     /// Writes the session's line: `up` bytes went client → target, `down` target → client,
     /// and it ended because of `end`.
     pub fn finish(self, log: Option<&AccessLog>, up: u64, down: u64, end: &dyn std::fmt::Display) {
-        let (Some(trail), Some(log)) = (self.0, log) else {
+        let Some(trail) = self.0 else {
+            return;
+        };
+        let (up, down) = (up + trail.counted.0, down + trail.counted.1);
+        if metrics::enabled() {
+            metrics::session_ended(trail.reply, up, down);
+        }
+        let Some(log) = log else {
             return;
         };
         let line = serde_json::json!({
@@ -196,8 +222,8 @@ impl SessionTrail {
             "target": trail.target.as_ref().map(ToString::to_string),
             "connected": trail.connected.map(|a| a.to_string()),
             "reply": trail.reply.map(ReplyCode::as_u8),
-            "bytes_up": up + trail.counted.0,
-            "bytes_down": down + trail.counted.1,
+            "bytes_up": up,
+            "bytes_down": down,
             "duration_s": trail.started.elapsed().as_secs_f64(),
             "end": trail.end.unwrap_or_else(|| end.to_string()),
         });

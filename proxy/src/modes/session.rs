@@ -10,6 +10,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::{Acl, Config};
+use crate::metrics::{self, Refusal};
 use crate::net::BurstLog;
 use crate::socks5::{Failure, Handshake, HandshakeError, Request, TargetAddr};
 
@@ -41,10 +42,12 @@ pub enum SessionError {
 pub fn admit(config: &Config, peer: SocketAddr, open_sessions: usize) -> bool {
     if !config.proxy_trusted(peer.ip()) && !config.acl.client_allowed(peer.ip()) {
         tracing::info!(%peer, "client not allowed; closed");
+        metrics::refused(Refusal::ClientNotAllowed);
         return false;
     }
     if config.max_sessions.is_some_and(|max| open_sessions >= max) {
         OVER_MAX_SESSIONS.hit(&format_args!("closed {peer}"));
+        metrics::refused(Refusal::MaxSessions);
         return false;
     }
     true

@@ -191,6 +191,7 @@ fn spawn_session(
             // The closure (with the client and the guard) was dropped: the client is closed
             // and the count is back.
             SPAWN_FAILED.hit(&err);
+            crate::metrics::refused(crate::metrics::Refusal::Exhausted);
             false
         }
     }

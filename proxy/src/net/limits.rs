@@ -151,6 +151,9 @@ static ACCEPT_EXHAUSTED: BurstLog =
 /// backs off before accepting again.
 pub fn refuse_on_exhaustion(listener: impl AsFd, err: &io::Error, sessions_open: usize) {
     let refused = refuse_waiting(listener);
+    for _ in 0..refused {
+        crate::metrics::refused(crate::metrics::Refusal::Exhausted);
+    }
     ACCEPT_EXHAUSTED.hit(&format_args!(
         "{err}; {sessions_open} sessions open; refused {refused} waiting"
     ));

@@ -117,8 +117,8 @@ async fn session(client: TcpStream, peer: SocketAddr, config: Arc<Config>) {
         }
     };
     let idle_timeout = config.idle_timeout;
-    // Only the access log (when on) keeps the configuration past the handshake.
-    let config = config.access_log.is_some().then_some(config);
+    // Only the access log and the metrics (when on) keep the configuration past the handshake.
+    let config = SessionTrail::wanted(config.access_log()).then_some(config);
     let (up, down, result) = relay(client, target, leftover, idle_timeout).await;
     match &result {
         Ok(()) => tracing::debug!(%peer, up, down, "session closed"),

@@ -421,6 +421,7 @@ impl<P: Poller> EventLoop<'_, P> {
         }
         if !self.poller.can_watch(client.as_raw_fd()) {
             SELECT_REFUSED.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::refused(crate::metrics::Refusal::ModeLimit);
             OVER_POLLER_LIMIT.hit(&format_args!(
                 "client descriptor {}; {} refused so far",
                 client.as_raw_fd(),
@@ -449,7 +450,7 @@ impl<P: Poller> EventLoop<'_, P> {
         };
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         let key = self.sessions.insert(session);
-        if config.access_log.is_some() {
+        if SessionTrail::wanted(config.access_log()) {
             self.ctx
                 .trails
                 .insert(key, SessionTrail::begin(config.access_log(), peer));

@@ -517,6 +517,7 @@ impl EventLoop<'_> {
         let admitted = self.listener.is_some()
             && peer.is_some_and(|peer| session::admit(&self.config, peer, open));
         if admitted && !self.room_for_a_target() {
+            crate::metrics::refused(crate::metrics::Refusal::ModeLimit);
             TABLE_FULL.hit(&format_args!(
                 "{} sessions open, {} of {} slots used",
                 self.sessions.len(),
@@ -552,9 +553,9 @@ impl EventLoop<'_> {
             })),
         });
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
-        if let (Some(log), Some(peer)) = (self.config.access_log(), peer) {
+        if let Some(peer) = peer.filter(|_| SessionTrail::wanted(self.config.access_log())) {
             self.trails
-                .insert(key, SessionTrail::begin(Some(log), peer));
+                .insert(key, SessionTrail::begin(self.config.access_log(), peer));
         }
         self.arm_timer(key, Instant::now() + self.config.handshake_timeout);
         self.session_op(key, Op::HandshakeRecv, |ring, token| {
