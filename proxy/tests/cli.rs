@@ -259,7 +259,11 @@ fn a_descriptor_limit_too_low_to_serve_is_refused_before_the_ready_line() {
 /// cloud-metadata, private and unique-local destinations (IPv4, IPv6, IPv4-mapped and by
 /// name) all get 0x02 without being contacted, in every mode.
 fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(mode: Mode) {
-    let users = temp_file("hardened-users", "alice:s3cret\n", 0o600);
+    let users = temp_file(
+        &format!("hardened-users-{}", mode.name()),
+        "alice:s3cret\n",
+        0o600,
+    );
     let mut command = Command::new(proxy_binary());
     command.args([
         "--listen",
@@ -276,7 +280,11 @@ fn the_readme_hardened_example_denies_private_destinations_and_unlisted_clients(
 /// the command line placing it on loopback: its --listen, --mode, --users-file and
 /// --allow-client win over the file's; the deny rules, timeouts and limits come from the file.
 fn a_config_file_equivalent_to_the_hardened_example_starts_the_same_server(mode: Mode) {
-    let users = temp_file("hardened-users-file", "alice:s3cret\n", 0o600);
+    let users = temp_file(
+        &format!("hardened-users-file-{}", mode.name()),
+        "alice:s3cret\n",
+        0o600,
+    );
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/proxy.toml");
     let mut command = Command::new(proxy_binary());
     command.args([

@@ -582,8 +582,12 @@ pub fn temp_file(name: &str, contents: &str, mode: u32) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("proxy-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join(name);
-    std::fs::write(&path, contents).expect("write temp file");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    // Written aside and renamed into place: a proxy of a test running alongside never reads
+    // it half written.
+    let aside = dir.join(format!(".{name}.{:?}", std::thread::current().id()));
+    std::fs::write(&aside, contents).expect("write temp file");
+    std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    std::fs::rename(&aside, &path).expect("rename temp file");
     path
 }
 
