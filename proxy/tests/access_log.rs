@@ -105,11 +105,17 @@ fn every_session_is_logged_once_with_its_reply_and_bytes(mode: Mode) {
         "{line}"
     );
 
-    // Each failure reply: a denied destination (0x02), a refused port (0x05), a connect that
-    // times out (0x06), an unknown command (0x07), an unknown address type (0x08).
+    // Each failure reply: a denied destination (0x02), an unreachable network (0x03: the
+    // broadcast address, refused by connect itself, nothing is sent), a refused port (0x05), a
+    // connect that times out (0x06), an unknown command (0x07), an unknown address type (0x08).
     let (hole, _fillers) = black_hole();
-    let failures: [(TargetAddr, Command, u8); 4] = [
+    let failures: [(TargetAddr, Command, u8); 5] = [
         (TargetAddr::Ip(denied_target.addr), Command::Connect, 0x02),
+        (
+            TargetAddr::Ip("255.255.255.255:9".parse().expect("addr")),
+            Command::Connect,
+            0x03,
+        ),
         (TargetAddr::Ip(closed_port()), Command::Connect, 0x05),
         (TargetAddr::Ip(hole), Command::Connect, 0x06),
         (TargetAddr::Ip(echo.addr), Command::Unknown(0x09), 0x07),
@@ -151,7 +157,7 @@ fn every_session_is_logged_once_with_its_reply_and_bytes(mode: Mode) {
     let all = sink.text();
     assert_eq!(
         all.lines().count(),
-        7,
+        8,
         "{mode}: one line per session: {all}"
     );
     assert!(
