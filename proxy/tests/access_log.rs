@@ -127,10 +127,10 @@ fn every_session_is_logged_once_with_its_reply_and_bytes(mode: Mode) {
         drop(stream);
         let line = next(&sink);
         assert_eq!(line["reply"], reply, "{mode}: {line}");
+        assert_eq!(line["user"], "alice", "{mode}: {line}");
         // An unknown command is answered by the protocol core before there is a request.
         if reply != 0x07 {
             assert_eq!(line["target"], target.to_string(), "{mode}: {line}");
-            assert_eq!(line["user"], "alice", "{mode}: {line}");
         }
         assert_eq!(line["bytes_up"], 0, "{mode}: {line}");
         assert!(line["connected"].is_null(), "{mode}: {line}");

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
 use crate::metrics;
-use crate::socks5::{Command, Failure, HandshakeError, ReplyCode, Request, TargetAddr};
+use crate::socks5::{Command, Failure, Handshake, HandshakeError, ReplyCode, Request, TargetAddr};
 
 /// Where the access log goes.
 pub struct AccessLog {
@@ -184,10 +184,16 @@ impl SessionTrail {
         self.ended_because(&failure);
     }
 
-    /// The handshake ended with `err` (the reply it sent, if any, is noted).
-    pub fn handshake_failed(&mut self, err: &HandshakeError) {
+    /// The handshake ended with `err` (the reply it sent, if any, is noted, and the user who
+    /// had authenticated, if one had).
+    pub fn handshake_failed(&mut self, handshake: &Handshake, err: &HandshakeError) {
         if let HandshakeError::Request(failure) = err {
             self.replied(failure.reply_code());
+        }
+        if let Some(trail) = &mut self.0 {
+            if trail.user.is_none() {
+                trail.user = handshake.user().map(str::to_owned);
+            }
         }
         self.ended_because(err);
     }

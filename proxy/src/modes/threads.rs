@@ -291,7 +291,7 @@ fn serve_session(
             }
             Step::Request(request) => break request,
             Step::Close(err) => {
-                trail.handshake_failed(&err);
+                trail.handshake_failed(&handshake, &err);
                 return Err(err.into());
             }
         }

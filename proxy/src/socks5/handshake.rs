@@ -133,6 +133,11 @@ impl Handshake {
         self
     }
 
+    /// The user who authenticated, once one has.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
     /// Behind a trusted balancer: the client its PROXY protocol header named (the balancer
     /// itself until one is parsed, or when it named none).
     pub fn proxied_client(&self) -> Option<SocketAddr> {

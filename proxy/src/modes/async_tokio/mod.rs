@@ -151,7 +151,7 @@ async fn establish(
         Ok(Err(err)) => {
             tracing::debug!(%peer, "handshake ended: {err}");
             if let SessionError::Handshake(err) = &err {
-                trail.handshake_failed(err);
+                trail.handshake_failed(&handshake, err);
             }
             return Err(err.to_string());
         }

@@ -230,7 +230,8 @@ pub(super) fn negotiate(
                     Step::NeedInput => {}
                     Step::Close(err) => {
                         tracing::debug!("handshake ended: {err}");
-                        ctx.trail(key).handshake_failed(&err);
+                        ctx.trail(key)
+                            .handshake_failed(&negotiation.handshake, &err);
                         negotiation.step = NegotiationStep::Closing;
                     }
                     Step::Request(request) => {

@@ -715,7 +715,7 @@ impl EventLoop<'_> {
         let step = negotiation.handshake.step(&mut negotiation.out);
         if let Some(trail) = self.trails.get_mut(&key) {
             match &step {
-                Step::Close(err) => trail.handshake_failed(err),
+                Step::Close(err) => trail.handshake_failed(&negotiation.handshake, err),
                 Step::Request(request) => trail.requested(request),
                 Step::NeedInput => {}
             }
