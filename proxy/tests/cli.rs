@@ -573,6 +573,7 @@ fn the_service_unit_passes_systemd_analyze_verify() {
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "CapabilityBoundingSet=",
+        "KillMode=mixed",
     ] {
         assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
     }
