@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use proxy::config::access_log::AccessLog;
 use proxy::socks5::client;
 use proxy::socks5::Command;
 use proxy::socks5::TargetAddr;
@@ -38,10 +39,10 @@ fn sink() -> SocketAddr {
     addr
 }
 
-fn start_proxy(mode: Mode) -> SocketAddr {
+fn start_proxy(mode: Mode, config: Config) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let config = Arc::new(Config::default());
+    let config = Arc::new(config);
     std::thread::spawn(move || proxy::modes::run(listener, config, mode, proxy::Shutdown::new()));
     addr
 }
@@ -82,7 +83,27 @@ fn bench(c: &mut Criterion) {
         })
     });
     for &mode in Mode::value_variants() {
-        let proxy = start_proxy(mode);
+        let proxy = start_proxy(mode, Config::default());
+        group.bench_function(mode.name(), |b| {
+            b.iter(|| transfer(proxy, target, &payload))
+        });
+    }
+    group.finish();
+
+    // The same with the access log (into a sink) and the metrics on: their cost on the relay.
+    // Last, because turning the metrics on is for the whole process.
+    proxy::metrics::enable();
+    let mut group = c.benchmark_group("relay_64MiB_logged_and_counted");
+    group.throughput(Throughput::Bytes(SIZE as u64));
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(4));
+    for &mode in Mode::value_variants() {
+        let config = Config {
+            access_log: Some(Arc::new(AccessLog::to_writer(Box::new(std::io::sink())))),
+            ..Config::default()
+        };
+        let proxy = start_proxy(mode, config);
         group.bench_function(mode.name(), |b| {
             b.iter(|| transfer(proxy, target, &payload))
         });
