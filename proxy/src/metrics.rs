@@ -5,15 +5,19 @@
 //! worker for its text and sums the series.
 
 use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::socks5::ReplyCode;
 
 /// Whether sessions are counted (`--metrics` given); off, sessions skip the counting.
 static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// How long a scraper has to send its request head, and how long it may be.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+const MAX_REQUEST_HEAD: usize = 8 << 10;
 
 /// Upper bounds (seconds) of the handshake-duration histogram's buckets.
 const HANDSHAKE_BUCKETS: [f64; 12] = [
@@ -308,7 +312,12 @@ pub fn serve(
         .name("proxy-metrics".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
+                let Ok(stream) = stream else {
+                    // Out of descriptors, most likely: the connection stays queued, so do not
+                    // spin on it.
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                };
                 if let Err(err) = respond(stream, &render) {
                     tracing::debug!("metrics request: {err}");
                 }
@@ -319,7 +328,6 @@ pub fn serve(
 
 /// Gets a worker's metrics from its loopback responder (a plain HTTP/1.0 GET).
 pub fn fetch(addr: SocketAddr) -> io::Result<String> {
-    use std::io::Read;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
@@ -345,19 +353,29 @@ pub fn bind(addr: SocketAddr, socks: SocketAddr) -> io::Result<TcpListener> {
 }
 
 fn respond(stream: TcpStream, render: &impl Fn() -> String) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // The rest of the head (headers) is read and ignored, up to a bound.
-    let mut line = String::new();
-    for _ in 0..100 {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+    // The request head, read whole within one deadline and a size bound: a client that
+    // trickles bytes or never ends its head is dropped, not waited for.
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || head.len() > MAX_REQUEST_HEAD {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head too slow or too long",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = (&stream).read(&mut chunk)?;
+        if n == 0 {
             break;
         }
+        head.extend_from_slice(&chunk[..n]);
     }
+    stream.set_write_timeout(Some(REQUEST_DEADLINE))?;
+    let head = String::from_utf8_lossy(&head);
+    let request_line = head.lines().next().unwrap_or_default();
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
@@ -374,7 +392,7 @@ fn respond(stream: TcpStream, render: &impl Fn() -> String) -> io::Result<()> {
         ),
         _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
     };
-    let mut writer = stream;
+    let mut writer = &stream;
     write!(
         writer,
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

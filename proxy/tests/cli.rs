@@ -396,6 +396,7 @@ per_mode!(
     the_readme_hardened_example_denies_private_destinations_and_unlisted_clients,
     a_config_file_equivalent_to_the_hardened_example_starts_the_same_server,
     sighup_reloads_settings,
+    a_reload_that_shortens_the_idle_timeout_spares_established_sessions,
     descriptor_exhaustion_refuses_cleanly_and_recovers,
 );
 
@@ -638,4 +639,40 @@ fn the_access_log_flag_writes_a_json_line_per_session() {
     assert_eq!(line["reply"], 0, "{line}");
     assert_eq!(line["bytes_up"], 6, "{line}");
     assert_eq!(line["target"], echo.addr.to_string(), "{line}");
+}
+
+/// A reload leaves established sessions the idle timeout they started with: shortened from 3 s
+/// to 1 s, it does not close a session that was already relaying and is quiet for 2 s at a time
+/// (new sessions get 1 s).
+fn a_reload_that_shortens_the_idle_timeout_spares_established_sessions(mode: Mode) {
+    let config = temp_file(
+        &format!("idle-reload-{}.toml", mode.name()),
+        "idle-timeout = \"3s\"\nlog-level = \"info\"\n",
+        0o600,
+    );
+    let args: Vec<&std::ffi::OsStr> =
+        ["--listen", "127.0.0.1:0", "--mode", mode.name(), "--config"]
+            .into_iter()
+            .map(std::ffi::OsStr::new)
+            .chain([config.as_os_str()])
+            .collect();
+    let logged = Logged::start(&args);
+    let echo = Target::echo("127.0.0.1:0");
+    let mut established = open_session(logged.proxy.addr, echo.addr);
+    assert_echo(&mut established, b"before");
+    std::fs::write(&config, "idle-timeout = \"1s\"\nlog-level = \"info\"\n").expect("write");
+    logged.proxy.signal(Signal::HUP);
+    logged.wait_for("reloaded", 1);
+    let mut newcomer = open_session(logged.proxy.addr, echo.addr);
+    assert_echo(&mut newcomer, b"new");
+    // Quiet past the new timeout, twice (the second time across the timer armed under the
+    // old one): the established session stays, the newcomer is closed.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_echo(&mut established, b"still relaying");
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_echo(&mut established, b"and still");
+    assert!(
+        ends_with_close(&mut newcomer),
+        "{mode}: the newcomer outlived its 1 s"
+    );
 }

@@ -168,6 +168,16 @@ fn metrics_count_sessions_by_reply_bytes_and_refusals() {
     );
     assert!(value(&body, "process_max_fds") >= value(&body, "process_open_fds"));
 
+    // A scraper that never finishes its request, and one that sends an endless head, do not
+    // keep the endpoint from answering the next.
+    let mut stalled = TcpStream::connect(metrics).expect("connect");
+    stalled.write_all(b"GET /metr").expect("write");
+    let mut endless = TcpStream::connect(metrics).expect("connect");
+    let _ = endless.write_all(&vec![b'a'; 64 << 10]);
+    let after = scrape(metrics);
+    assert!(after.contains("socks5_sessions_active"), "{after}");
+    drop((stalled, endless));
+
     // Anything but GET /metrics is not served; the SOCKS port is not HTTP.
     let mut other = TcpStream::connect(metrics).expect("connect");
     other.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");

@@ -53,6 +53,13 @@ pub struct Config {
 }
 
 impl Config {
+    /// The idle timeout in milliseconds as a session keeps it (0: none; at most ~49 days).
+    pub fn idle_timeout_ms(&self) -> u32 {
+        self.idle_timeout.map_or(0, |idle| {
+            u32::try_from(idle.as_millis()).unwrap_or(u32::MAX).max(1)
+        })
+    }
+
     /// The access log, when on.
     pub fn access_log(&self) -> Option<&access_log::AccessLog> {
         self.access_log.as_deref()

@@ -89,6 +89,9 @@ pub(super) struct Relay {
     /// When bytes last moved, in milliseconds of the loop's clock (only kept up to date
     /// with an idle timeout). 4 bytes instead of an `Instant`'s 16: this is per session.
     pub(super) last_activity: u32,
+    /// The idle timeout it started with, in milliseconds (0: none): a reload does not change
+    /// it for established sessions.
+    pub(super) idle_ms: u32,
 }
 
 /// What a session needs after being driven.
@@ -196,6 +199,7 @@ pub(super) fn negotiate(
                     up: Pipe::with_leftover(leftover),
                     down: Pipe::default(),
                     last_activity: ctx.clock_ms(),
+                    idle_ms: ctx.config.idle_timeout_ms(),
                 });
                 if let Some(idle) = ctx.config.idle_timeout {
                     ctx.arm_timer(session, key, Instant::now() + idle);
@@ -361,7 +365,7 @@ pub(super) fn relay(session: &mut Session, ctx: &mut Context, wake: Wake) -> io:
             .down
             .pump(&mut &*target, &mut &session.client, &mut ctx.scratch, until)?;
     }
-    if ctx.config.idle_timeout.is_some() && relay.up.bytes() + relay.down.bytes() != moved_before {
+    if relay.idle_ms != 0 && relay.up.bytes() + relay.down.bytes() != moved_before {
         relay.last_activity = ctx.clock_ms();
     }
     let (up, down) = (relay.up.last_state(), relay.down.last_state());

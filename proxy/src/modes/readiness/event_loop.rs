@@ -499,7 +499,12 @@ impl<P: Poller> EventLoop<'_, P> {
             }
             match &mut session.phase {
                 Phase::Relaying(relay) => {
-                    let idle = self.ctx.config.idle_timeout.unwrap_or_default();
+                    // The session's own timeout, from when its relay started.
+                    if relay.idle_ms == 0 {
+                        session.timer_ticket = 0;
+                        continue;
+                    }
+                    let idle = Duration::from_millis(u64::from(relay.idle_ms));
                     let quiet_ms = self.ctx.clock_ms().wrapping_sub(relay.last_activity);
                     let quiet = Duration::from_millis(u64::from(quiet_ms));
                     if quiet >= idle {

@@ -186,6 +186,9 @@ struct Relay {
     /// When bytes last moved, in milliseconds of the loop's clock (kept only with an idle
     /// timeout).
     last_activity: u32,
+    /// The idle timeout it started with, in milliseconds (0: none): a reload does not change
+    /// it for established sessions.
+    idle_ms: u32,
 }
 
 impl Relay {
@@ -1010,6 +1013,7 @@ impl EventLoop<'_> {
                 ..Direction::default()
             },
             last_activity,
+            idle_ms: self.config.idle_timeout_ms(),
         });
         match self.config.idle_timeout {
             Some(idle) => self.arm_timer(key, Instant::now() + idle),
@@ -1251,7 +1255,12 @@ impl EventLoop<'_> {
             }
             match &mut session.phase {
                 Phase::Relaying(relay) => {
-                    let idle = self.config.idle_timeout.unwrap_or_default();
+                    // The session's own timeout, from when its relay started.
+                    if relay.idle_ms == 0 {
+                        session.timer_ticket = 0;
+                        continue;
+                    }
+                    let idle = Duration::from_millis(u64::from(relay.idle_ms));
                     let quiet =
                         Duration::from_millis(u64::from(clock.wrapping_sub(relay.last_activity)));
                     if quiet >= idle {
