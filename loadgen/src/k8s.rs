@@ -41,7 +41,8 @@ pub struct ManifestArgs {
     pub start_in: Duration,
 }
 
-/// The Job, as YAML.
+/// The Job, as YAML: JSON is YAML (1.2), so it is written by serde_json, under YAML comments
+/// that say how to use it; `kubectl apply -f` reads either.
 pub fn manifest(args: &ManifestArgs) -> anyhow::Result<String> {
     let job = job(args, SystemTime::now())?;
     let name = job["metadata"]["name"]
@@ -55,7 +56,8 @@ pub fn manifest(args: &ManifestArgs) -> anyhow::Result<String> {
          # has completed, merge the agents' records from the results volume:\n\
          #   loadgen merge {RESULTS_MOUNT}/{name}/runs/*-agent-*-of-{agents}.json --results {RESULTS_MOUNT}/{name}\n"
     );
-    out.push_str(&to_yaml(&job));
+    out.push_str(&serde_json::to_string_pretty(&job)?);
+    out.push('\n');
     Ok(out)
 }
 
@@ -141,66 +143,4 @@ pub fn job(args: &ManifestArgs, now: SystemTime) -> anyhow::Result<Value> {
             }
         }
     }))
-}
-
-/// YAML in block style, with every string double-quoted as JSON writes it (a valid YAML
-/// scalar whatever it holds).
-pub fn to_yaml(value: &Value) -> String {
-    let mut out = String::new();
-    write_yaml(value, 0, &mut out);
-    out
-}
-
-fn scalar(value: &Value) -> Option<String> {
-    match value {
-        Value::Object(map) if map.is_empty() => Some("{}".into()),
-        Value::Array(items) if items.is_empty() => Some("[]".into()),
-        Value::Object(_) | Value::Array(_) => None,
-        other => Some(other.to_string()),
-    }
-}
-
-fn key(text: &str) -> String {
-    if !text.is_empty()
-        && text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
-    {
-        text.to_owned()
-    } else {
-        Value::from(text).to_string()
-    }
-}
-
-fn write_yaml(value: &Value, indent: usize, out: &mut String) {
-    let pad = " ".repeat(indent);
-    match value {
-        Value::Object(map) => {
-            for (k, v) in map {
-                match scalar(v) {
-                    Some(text) => out.push_str(&format!("{pad}{}: {text}\n", key(k))),
-                    None => {
-                        out.push_str(&format!("{pad}{}:\n", key(k)));
-                        write_yaml(v, indent + 2, out);
-                    }
-                }
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                match scalar(item) {
-                    Some(text) => out.push_str(&format!("{pad}- {text}\n")),
-                    None => {
-                        // The item's block, its first line starting after the dash.
-                        let mut block = String::new();
-                        write_yaml(item, indent + 2, &mut block);
-                        out.push_str(&pad);
-                        out.push_str("- ");
-                        out.push_str(&block[indent + 2..]);
-                    }
-                }
-            }
-        }
-        other => out.push_str(&format!("{pad}{other}\n")),
-    }
 }

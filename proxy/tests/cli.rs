@@ -400,57 +400,6 @@ per_mode!(
     descriptor_exhaustion_refuses_cleanly_and_recovers,
 );
 
-/// A proxy whose stderr lines arrive on a channel as they are written, so a test can wait
-/// for the log line that says a reload was done (or refused).
-struct Logged {
-    proxy: ProxyProcess,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Logged {
-    fn start(args: &[&std::ffi::OsStr]) -> Self {
-        use std::io::BufRead;
-        let mut child = Command::new(proxy_binary())
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn proxy");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Logged {
-            proxy: ProxyProcess::spawn_from(child),
-            lines,
-        }
-    }
-
-    /// Waits (bounded) until `count` log lines containing `text` have been written.
-    #[track_caller]
-    fn wait_for(&self, text: &str, count: usize) -> String {
-        let mut seen = Vec::new();
-        let mut found = 0;
-        while found < count {
-            let line = self
-                .lines
-                .recv_timeout(IO_TIMEOUT)
-                .unwrap_or_else(|_| panic!("no log line with {text:?}; saw {seen:#?}"));
-            if line.contains(text) {
-                found += 1;
-            }
-            seen.push(line);
-        }
-        seen.join("\n")
-    }
-}
-
 /// Whether `name:password` may open a session now (a fresh connection).
 fn authenticates(proxy: std::net::SocketAddr, name: &str, password: &str) -> bool {
     let mut stream = connect(proxy);
@@ -578,12 +527,7 @@ fn the_service_unit_passes_systemd_analyze_verify() {
     ] {
         assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
     }
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: systemd-analyze is not installed (Debian package systemd)");
+    if !installed_or_skip("systemd-analyze", "systemd") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("proxy-unit-{}", std::process::id()));

@@ -15,41 +15,22 @@ use proxy::socks5::{ReplyCode, TargetAddr};
 
 /// The proxy binary with `--metrics 127.0.0.1:0` and `args`; returns it and where its metrics
 /// are (from its log line).
-fn start(args: &[&str]) -> (ProxyProcess, SocketAddr, std::sync::mpsc::Receiver<String>) {
-    use std::io::BufRead;
-    let mut child = Command::new(proxy_binary())
-        .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn proxy");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let proxy = ProxyProcess::spawn_from(child);
-    let metrics = loop {
-        let line = lines.recv_timeout(IO_TIMEOUT).expect("a metrics log line");
-        if let Some(rest) = line.split("metrics at http://").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .trim_end_matches("/metrics")
-                .parse()
-                .expect("metrics address");
-        }
-    };
-    (proxy, metrics, lines)
+fn start(args: &[&str]) -> (Logged, SocketAddr) {
+    let all: Vec<&std::ffi::OsStr> = ["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
+        .iter()
+        .chain(args)
+        .map(std::ffi::OsStr::new)
+        .collect();
+    let logged = Logged::start(&all);
+    let line = logged.wait_for("metrics at http://", 1);
+    let metrics = line
+        .lines()
+        .find_map(|line| line.split("metrics at http://").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|addr| addr.trim_end_matches("/metrics"))
+        .and_then(|addr| addr.parse().ok())
+        .expect("metrics address");
+    (logged, metrics)
 }
 
 /// GET /metrics: the body.
@@ -102,7 +83,7 @@ fn denied_and_allowed(proxy: SocketAddr, echo: SocketAddr, denied: SocketAddr, c
 fn metrics_count_sessions_by_reply_bytes_and_refusals() {
     let echo = Target::echo("127.0.0.1:0");
     let denied = Target::echo("127.0.0.2:0");
-    let (proxy, metrics, _log) = start(&[
+    let (logged, metrics) = start(&[
         "--mode",
         "epoll",
         "--deny-dest",
@@ -110,7 +91,7 @@ fn metrics_count_sessions_by_reply_bytes_and_refusals() {
         "--allow-client",
         "127.0.0.1/32",
     ]);
-    denied_and_allowed(proxy.addr, echo.addr, denied.addr, 3);
+    denied_and_allowed(logged.proxy.addr, echo.addr, denied.addr, 3);
     // A client the rules do not list: refused before any byte.
     let socket = rustix::net::socket(
         rustix::net::AddressFamily::INET,
@@ -119,7 +100,7 @@ fn metrics_count_sessions_by_reply_bytes_and_refusals() {
     )
     .expect("socket");
     rustix::net::bind(&socket, &"127.0.0.3:0".parse::<SocketAddr>().expect("addr")).expect("bind");
-    rustix::net::connect(&socket, &proxy.addr).expect("connect");
+    rustix::net::connect(&socket, &logged.proxy.addr).expect("connect");
     let mut unlisted = TcpStream::from(socket);
     unlisted
         .set_read_timeout(Some(IO_TIMEOUT))
@@ -216,7 +197,7 @@ fn metrics_count_sessions_by_reply_bytes_and_refusals() {
 fn metrics_are_summed_over_workers() {
     let echo = Target::echo("127.0.0.1:0");
     let denied = Target::echo("127.0.0.2:0");
-    let (proxy, metrics, _log) = start(&[
+    let (logged, metrics) = start(&[
         "--mode",
         "epoll",
         "--workers",
@@ -224,7 +205,7 @@ fn metrics_are_summed_over_workers() {
         "--deny-dest",
         "127.0.0.2/32",
     ]);
-    denied_and_allowed(proxy.addr, echo.addr, denied.addr, 8);
+    denied_and_allowed(logged.proxy.addr, echo.addr, denied.addr, 8);
     let body = eventually(metrics, "socks5_sessions_total{reply=\"0x00\"}", 8.0);
     assert_eq!(
         value(&body, "socks5_sessions_total{reply=\"0x00\"}"),
@@ -263,18 +244,13 @@ fn value_of_limit() -> f64 {
 /// A real Prometheus server scrapes the endpoint and can query what it counted.
 #[test]
 fn a_prometheus_server_scrapes_it() {
-    if Command::new("prometheus")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: prometheus is not installed (Debian package prometheus)");
+    if !installed_or_skip("prometheus", "prometheus") {
         return;
     }
     let echo = Target::echo("127.0.0.1:0");
-    let (proxy, metrics, _log) = start(&["--mode", "async"]);
+    let (logged, metrics) = start(&["--mode", "async"]);
     for _ in 0..2 {
-        let mut stream = open_session(proxy.addr, echo.addr);
+        let mut stream = open_session(logged.proxy.addr, echo.addr);
         assert_echo(&mut stream, b"scraped");
     }
     eventually(metrics, "socks5_sessions_total{reply=\"0x00\"}", 2.0);

@@ -635,3 +635,67 @@ pub fn open_session_eventually(proxy: SocketAddr, target: SocketAddr) -> Option<
     }
     None
 }
+
+/// A proxy whose stderr lines arrive on a channel as they are written, so a test can wait
+/// for the log line that says a reload was done (or refused).
+pub struct Logged {
+    pub proxy: ProxyProcess,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Logged {
+    pub fn start(args: &[&std::ffi::OsStr]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(proxy_binary())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn proxy");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Logged {
+            proxy: ProxyProcess::spawn_from(child),
+            lines,
+        }
+    }
+
+    /// Waits (bounded) until `count` log lines containing `text` have been written.
+    #[track_caller]
+    pub fn wait_for(&self, text: &str, count: usize) -> String {
+        let mut seen = Vec::new();
+        let mut found = 0;
+        while found < count {
+            let line = self
+                .lines
+                .recv_timeout(IO_TIMEOUT)
+                .unwrap_or_else(|_| panic!("no log line with {text:?}; saw {seen:#?}"));
+            if line.contains(text) {
+                found += 1;
+            }
+            seen.push(line);
+        }
+        seen.join("\n")
+    }
+}
+
+/// Whether `program` runs here; when it does not, says that the test is skipped and which
+/// Debian package has it.
+pub fn installed_or_skip(program: &str, package: &str) -> bool {
+    let found = std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !found {
+        eprintln!("skipped: {program} is not installed (Debian package {package})");
+    }
+    found
+}

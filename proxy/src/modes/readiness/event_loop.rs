@@ -415,8 +415,11 @@ impl<P: Poller> EventLoop<'_, P> {
     }
 
     fn on_accepted(&mut self, client: TcpStream, peer: SocketAddr) {
-        let config = self.ctx.config.get().clone();
-        if !session::admit(&config, peer, self.shared.sessions.load(Ordering::Relaxed)) {
+        if !session::admit(
+            &self.ctx.config,
+            peer,
+            self.shared.sessions.load(Ordering::Relaxed),
+        ) {
             return;
         }
         if !self.poller.can_watch(client.as_raw_fd()) {
@@ -442,7 +445,7 @@ impl<P: Poller> EventLoop<'_, P> {
             target_interest: Interest::NONE,
             timer_ticket: 0,
             phase: Phase::Negotiating(Box::new(Negotiation {
-                handshake: session::new_handshake(&config, peer),
+                handshake: session::new_handshake(&self.ctx.config, peer),
                 out: Vec::new(),
                 written: 0,
                 step: NegotiationStep::Reading,
@@ -450,12 +453,12 @@ impl<P: Poller> EventLoop<'_, P> {
         };
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         let key = self.sessions.insert(session);
-        if SessionTrail::wanted(config.access_log()) {
-            self.ctx
-                .trails
-                .insert(key, SessionTrail::begin(config.access_log(), peer));
+        let log = self.ctx.config.access_log();
+        if SessionTrail::wanted(log) {
+            let trail = SessionTrail::begin(log, peer);
+            self.ctx.trails.insert(key, trail);
         }
-        let deadline = Instant::now() + config.handshake_timeout;
+        let deadline = Instant::now() + self.ctx.config.handshake_timeout;
         let session = &mut self.sessions[key];
         self.ctx.arm_timer(session, key, deadline);
         // The greeting often arrives with the connection: try it before waiting.

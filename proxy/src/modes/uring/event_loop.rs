@@ -710,7 +710,6 @@ impl EventLoop<'_> {
 
     fn advance_handshake(&mut self, key: usize) -> io::Result<()> {
         let deadline = Instant::now() + self.config.connect_timeout;
-        let config = self.config.get().clone();
         let session = &mut self.sessions[key];
         let Phase::Negotiating(negotiation) = &mut session.phase else {
             return Ok(());
@@ -739,7 +738,7 @@ impl EventLoop<'_> {
                 negotiation.step = NegotiationStep::Closing;
                 self.send_reply(key)
             }
-            Step::Request(request) if session::proxied_client_refused(&config, &request) => {
+            Step::Request(request) if session::proxied_client_refused(&self.config, &request) => {
                 self.fail_request(key, Failure::DeniedByRule)
             }
             Step::Request(request) if request.command != Command::Connect => {
@@ -886,9 +885,8 @@ impl EventLoop<'_> {
 
     /// Starts connecting to the next allowed address, or fails the request.
     fn connect_next(&mut self, key: usize) -> io::Result<()> {
-        let config = self.config.get().clone();
-        let acl = &config.acl;
-        let Some(negotiation) = self.negotiation(key) else {
+        let acl = &self.config.acl;
+        let Phase::Negotiating(negotiation) = &mut self.sessions[key].phase else {
             return Ok(());
         };
         let Some(dialer) = negotiation.dialer.as_mut() else {
